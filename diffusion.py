@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def build_once(name, build):
     try:
         build(tmp)
         os.rename(tmp, final)  # atomic; fails if another process won the race
-        print(f"built {final}")
+        print(f"built {final}", file=sys.stderr)
     except OSError:
         if not final.exists():
             raise
@@ -153,7 +154,8 @@ def resolve_file(spec, flag):
     if spec is None or Path(spec).is_file():
         return spec
     parts = str(spec).split("/")
-    if Path(spec).exists() or len(parts) < 3:
+    looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).parent.exists()
+    if looks_local or len(parts) < 3:
         raise UserError(f"{flag}: no such file: {spec}")
     from huggingface_hub import hf_hub_download
     try:
@@ -200,3 +202,224 @@ class Pipeline:
         out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
                for z in latents.split(chunk)]
         return torch.cat(out).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), hand-rolled: wrap each target nn.Linear, add a low-rank branch.
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection, as the official SPO LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * up(down(x)). The frozen base Linear is kept untouched, so switching the
+    branch off gives back the base model exactly: that is how spo.py gets its frozen reference."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora = nn.Module()  # parameter names become `<module>.lora.down.weight`, the diffusers layout
+        self.lora.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # (r, in)
+        self.lora.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)  # (out, r)
+        nn.init.normal_(self.lora.down.weight, std=1 / rank)  # PEFT's "gaussian" init
+        nn.init.zeros_(self.lora.up.weight)  # zero up: training starts exactly at the base model
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        w = self.lora.down.weight  # LoRA weights stay fp32 while the base may be fp16/bf16
+        return y + (self.lora.up(self.lora.down(x.to(w.dtype))) * self.scale).to(y.dtype)
+
+
+def inject_lora(unet, rank, alpha, targets=LORA_TARGETS):
+    """Replace every target Linear of the UNet by a LoRALinear; returns the LoRA parameters (fp32)."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple("." + t for t in targets))]
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = unet.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    return [p for n, p in unet.named_parameters() if ".lora." in n]
+
+
+def lora_layers(unet):
+    return [m for m in unet.modules() if isinstance(m, LoRALinear)]
+
+
+class lora_disabled:
+    """`with lora_disabled(unet):` runs the frozen base model: the SPO reference (scale 0 *is* the reference)."""
+
+    def __init__(self, unet):
+        self.layers = lora_layers(unet)
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enabled = True
+
+
+def lora_state_dict(unet):
+    """{'unet.<module>.lora.down.weight': (r, in), '...lora.up.weight': (out, r)}: the official SPO file layout."""
+    return {f"unet.{n}": p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if ".lora." in n}
+
+
+def save_lora(unet, path):
+    """Write the LoRA as diffusers' `pytorch_lora_weights.safetensors`, atomically. With alpha != rank the
+    alpha goes into diffusers' `lora_adapter_metadata` header entry (a `.alpha` tensor would make diffusers
+    reject the file; with alpha = rank the file is byte-for-byte the official layout)."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(unet)
+    rank = layers[0].lora.down.out_features
+    alpha = layers[0].scale * rank
+    metadata = {"format": "pt"}
+    if alpha != rank:
+        cfg = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": list(LORA_TARGETS)}
+        metadata["lora_adapter_metadata"] = json.dumps(cfg, indent=2, sort_keys=True)
+    atomic_write(path, lambda tmp: save_file(lora_state_dict(unet), tmp, metadata=metadata))
+
+
+def load_lora(unet, path_or_state):
+    """Load our/official (`unet.<m>.lora.down/up.weight`) or PEFT (`<m>.lora_A/lora_B.weight`) LoRA weights
+    into an injected UNet. Every key must land somewhere: unknown keys are an error, never a silent no-op."""
+    state = path_or_state if isinstance(path_or_state, dict) else load_safetensors(path_or_state)
+    own = dict(unet.named_parameters())
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        name = key.removeprefix("unet.").replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        name = name.replace(".default.", ".")  # PEFT adapter name
+        if name not in own:
+            unknown.append(key)
+        elif own[name].shape != value.shape:
+            raise UserError(f"LoRA key {key} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
+                            " (another rank or another model family?)")
+        else:
+            mapped[name] = value
+    if unknown:
+        raise UserError(f"{len(unknown)} LoRA keys match no module of this UNet, e.g. {', '.join(unknown[:3])}")
+    missing = [n for n in own if ".lora." in n and n not in mapped]
+    if missing:
+        raise UserError(f"LoRA file lacks {len(missing)} of the model's LoRA weights, e.g. {', '.join(missing[:3])}")
+    with torch.no_grad():
+        for name, value in mapped.items():
+            own[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: safetensors everywhere, written atomically, errors reported by path.
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename into place: a crash mid-write never leaves a half file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_safetensors(path):
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM (Song et al. 2021) with the log-probability SPO needs. Symbols, as in the DDIM paper:
+#   a_t = alphas_cumprod[t] (alpha_t in DDIM),  x0 = pred_original_sample,  eps = pred_epsilon,
+#   std = sigma_t of eq. (16) times eta,  mean = the x_{t-1} of eq. (12) without the noise term.
+
+def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
+    """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""
+    step_ratio = num_train_timesteps // num_steps
+    return torch.arange(num_steps - 1, -1, -1) * step_ratio + steps_offset
+
+
+def ddim_step(model_output, t, x_t, alphas_cumprod, step_ratio, eta, prediction_type="epsilon"):
+    """One DDIM step from x_t: returns (x0, eps, mean, std) with x_{t-1} = mean + std * z, z ~ N(0, I).
+
+    Scheduler coefficients are formed in float32 from the float32 alphas_cumprod, then cast to the sample's
+    dtype, exactly as the official code does (golden README N4). t is an int64 tensor, () or (B,)."""
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+    prev_t = (t - step_ratio).clamp(0, len(alphas_cumprod) - 1)  # N2: clamp, so t=1 -> 0, never "alpha=1"
+    a_t, a_prev = alphas_cumprod[t], alphas_cumprod[prev_t]  # (B,) float32
+    variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2, eq. (16)
+    std = eta * variance ** 0.5
+    c = lambda v: v.view(-1, 1, 1, 1).to(x_t.dtype)  # (B,) -> (B, 1, 1, 1)
+    if prediction_type == "epsilon":
+        x0, eps = (x_t - c((1 - a_t) ** 0.5) * model_output) / c(a_t ** 0.5), model_output
+    elif prediction_type == "v_prediction":
+        x0 = c(a_t ** 0.5) * x_t - c((1 - a_t) ** 0.5) * model_output
+        eps = c(a_t ** 0.5) * model_output + c((1 - a_t) ** 0.5) * x_t
+    elif prediction_type == "sample":
+        x0, eps = model_output, (x_t - c(a_t ** 0.5) * model_output) / c((1 - a_t) ** 0.5)
+    else:
+        raise UserError(f"unsupported prediction_type {prediction_type!r}")
+    mean = c(a_prev ** 0.5) * x0 + c((1 - a_prev - std ** 2) ** 0.5) * eps  # eq. (12)
+    return x0, eps, mean, std
+
+
+LOG_SQRT_2PI = torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))  # float32, as the official code forms it
+
+
+def ddim_log_prob(x_prev, mean, std):
+    """log N(x_prev; mean, std^2 I) per sample, a MEAN over C, H, W as in the official code (N1), not a sum."""
+    s = std.view(-1, 1, 1, 1)
+    dt = mean.dtype
+    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * s ** 2).to(dt) - torch.log(s).to(dt) - LOG_SQRT_2PI.to(dt)
+    return log_prob.mean(dim=(1, 2, 3))
+
+
+def predict_noise(unet, x, t, cond, uncond, cfg):
+    """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
+    x (n, c, h, w), t (n,), cond/uncond (n, L, D). Returns float32."""
+    if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
+        return unet(x, t, cond).sample.float()
+    eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.float().chunk(2)
+    return eps_uncond + cfg * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def ddim_sample(pipe, unet, cond, uncond, latents, steps, cfg, eta=0.0, generator=None):
+    """Plain DDIM sampling from initial latents (b, 4, h, w); returns the final latents."""
+    step_ratio = pipe.num_train_timesteps // steps
+    for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
+        tt = torch.full((latents.shape[0],), t, device=latents.device)
+        eps = predict_noise(unet, latents, tt, cond, uncond, cfg)
+        _, _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device) if eta > 0 else 0
+        latents = mean + std.view(-1, 1, 1, 1) * noise
+    return latents
+
+
+# ----------------------------------------------------------------------------------------------
+# Images.
+
+def to_pil(images):
+    """(n, 3, H, W) in [-1, 1] -> list of PIL images."""
+    from PIL import Image
+
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def save_grid(images, path, cols):
+    """Save images (n, 3, H, W) in [-1, 1] as one PNG grid, row-major, written atomically."""
+    from PIL import Image
+
+    tiles = to_pil(images)
+    w, h = tiles[0].size
+    rows = math.ceil(len(tiles) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % cols) * w, (i // cols) * h))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -1,0 +1,432 @@
+"""Step-aware Preference Optimization (SPO; Liang et al., arXiv 2406.04314, CVPR 2025) in one file.
+
+    python spo.py --model tiny --out runs/tiny          # the whole algorithm offline, tiny random models, CPU
+    python spo.py --model sd15 --prompts 4k_training_prompts.json --out runs/sd15
+    python spo.py --model sd15 --prompts ... --out runs/sd15 --resume   # continue from the newest checkpoint
+
+Per batch of prompts, SPO does two phases:
+  SAMPLING  sample_candidate_pool: DDIM from noise. From `divert_start_step` on, every step draws a pool of k
+            candidates x_{t-1} from one shared x_t; the step-aware preference model judges them (on their
+            decoded x0-predictions, at their own noise level), pick_win_lose keeps the best and the worst when
+            they differ enough, and the chain continues from a random member of the pool.
+  TRAINING  spo_loss on each kept (x_t, winner, loser): a DPO-style loss on the clipped likelihood ratios of
+            the two children under the policy (UNet + LoRA) and the frozen reference (the same UNet, LoRA off).
+The math matches the authors' code (checked against their vectors in ../shared/golden, see test_spo.py).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffusion import (PRESETS, Pipeline, UserError, atomic_write, ddim_log_prob, ddim_sample, ddim_step,
+                       ddim_timesteps, inject_lora, load_lora, lora_disabled, predict_noise, save_grid, save_lora)
+from preference_model import load_preference_model
+
+# ----------------------------------------------------------------------------------------------
+# Defaults: the paper's SD1.5 settings (the official configs/basic_config.py with k = 4).
+
+
+@dataclass
+class Config:
+    model: str = "sd15"  # tiny | sd15: picks the preset below
+    pretrained: str = None  # hub id or local diffusers folder; default from the preset
+    prompts: str = None  # JSON list of {"caption": ...} or a text file, one prompt a line
+    out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
+    resume: bool = False  # continue the run in --out from its newest checkpoint
+    overwrite: bool = False  # replace an existing run in --out
+    init_lora: str = None  # start from an existing LoRA file
+    preference: str = "spm"  # spm | pickscore (the paper's ablation: no step awareness)
+    preference_model: str = None  # SPM's CLIP base (hub id or folder); default from the preset
+    preference_processor: str = None  # SPM's processor/tokenizer; default from the preset
+    preference_checkpoint: str = None  # official SPM .bin or our .safetensors; default from the preset
+    epochs: int = 10  # passes over the prompts
+    seed: int = 42
+    resolution: int = None  # pixels; default from the preset (512 for sd15)
+    steps: int = 20  # DDIM steps
+    eta: float = 1.0  # DDIM eta: 1 makes each step a Gaussian whose likelihood SPO can compare
+    cfg: float = 5.0  # classifier-free guidance scale, in sampling and in training
+    divert_start_step: int = 4  # first step that draws a candidate pool; earlier steps are plain DDIM
+    k: int = 4  # candidates per pool
+    threshold: float = 0.3  # keep a pair only if softmax([s_win, s_lose])[0] - [1] > threshold
+    beta: float = 10.0  # DPO temperature
+    eps: float = 0.1  # likelihood ratios are clamped to [1 - eps, 1 + eps]
+    lr: float = 6e-5  # AdamW
+    weight_decay: float = 1e-4  # AdamW; betas (0.9, 0.999) and eps 1e-8 as the official run
+    lora_rank: int = 4
+    lora_alpha: float = 4.0  # scale = alpha / rank
+    sample_batch_size: int = 10  # prompts per batch
+    train_batch_size: int = 10  # pairs per optimizer step
+    max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
+    precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
+    compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
+    device: str = None  # default cuda if available
+    validation_prompts: tuple = ("A beautiful lake", "a photo of a cat")  # the epoch-end grid
+    validation_seeds: tuple = (0, 1)
+
+
+# Per preset: where the models come from, and the settings that differ from the paper's defaults above.
+# The tiny random SPM's scores of one pool spread by about 0.1, so the paper's threshold would keep nothing.
+PRESET_OVERRIDES = {"sd15": {}, "tiny": {"epochs": 2, "sample_batch_size": 4, "train_batch_size": 8, "threshold": 0.01}}
+TINY_PROMPTS = ["a photo of a cat", "a red dog", "a beautiful lake", "an image of the lake", "a cat on a dog",
+                "a photo of a red lake", "the dog", "a beautiful photo of a cat"]
+CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"]}
+
+
+def parse_args(argv=None):
+    """Flags, then the --model preset, then the Config defaults: the first that gives a value wins."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        default = f.default
+        kw = dict(default=None, help=f"default: {default}" if default is not None else "default: from --model")
+        if isinstance(default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, tuple):
+            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(default[0]), **kw)
+        else:
+            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument("--" + f.name.replace("_", "-"), type=typ, choices=CHOICES.get(f.name), **kw)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    model = args.get("model", Config.model)
+    preset = PRESETS[model]
+    from_preset = {"pretrained": preset["pretrained"], "resolution": preset["resolution"],
+                   "preference_model": preset["spm_base"], "preference_processor": preset["spm_processor"],
+                   "preference_checkpoint": preset["spm_checkpoint"], **PRESET_OVERRIDES[model]}
+    merged = {**from_preset, **args}
+    merged["device"] = merged.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = merged["device"].startswith("cuda")
+    merged.setdefault("precision", "fp16" if on_cuda else "fp32")  # bf16 autocast is slower than fp32 on CPUs
+    merged.setdefault("compile", on_cuda)  # compiling on CPU costs about a minute per graph
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+    problems = validate(cfg)
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg
+
+
+def validate(cfg):
+    """Every check that needs no model, so a typo costs a second, not an hour of sampling."""
+    checks = [
+        (cfg.k >= 2, f"--k must be at least 2 (a pool needs a winner and a loser), got {cfg.k}"),
+        (0 <= cfg.threshold < 1, f"--threshold must be in [0, 1), got {cfg.threshold}"),
+        (0 < cfg.eps < 1, f"--eps must be in (0, 1), got {cfg.eps}"),
+        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (0 <= cfg.divert_start_step < cfg.steps,
+         f"--divert-start-step must be in [0, --steps), got {cfg.divert_start_step} with --steps {cfg.steps}"),
+        (cfg.eta > 0, f"--eta must be > 0: with eta 0 DDIM is deterministic and candidates cannot differ, got {cfg.eta}"),
+        (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
+        (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1, got {cfg.lora_rank}"),
+        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
+        (cfg.resolution % 8 == 0 and cfg.resolution > 0, f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
+        (cfg.model == "tiny" or cfg.prompts, f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
+        (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
+        (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no CUDA device is available"),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
+        if path and not Path(path).is_file():
+            problems.append(f"{flag}: no such file: {path}")
+    out = Path(cfg.out)
+    if cfg.resume and not (out / "config.json").is_file():
+        problems.append(f"--resume: {out} holds no run to resume (no config.json)")
+    if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
+        problems.append(f"--out {out} already holds files: pass --resume to continue that run or --overwrite to replace it")
+    return problems
+
+
+def load_prompts(cfg):
+    if cfg.prompts is None:
+        return list(TINY_PROMPTS)
+    text = Path(cfg.prompts).read_text(encoding="utf-8")
+    try:
+        items = json.loads(text)
+        prompts = [item["caption"] if isinstance(item, dict) else item for item in items]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        if text.lstrip().startswith(("[", "{")):
+            raise UserError(f"--prompts {cfg.prompts}: JSON but not a list of strings or of {{\"caption\": ...}} objects") from None
+        prompts = text.splitlines()
+    kept = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if len(kept) < len(prompts):
+        print(f"--prompts: dropped {len(prompts) - len(kept)} empty prompts")
+    if not kept:
+        raise UserError(f"--prompts {cfg.prompts}: no prompts in the file")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# SAMPLING: the DDIM chain with a candidate pool at every step (Sec. 4 of the paper).
+
+
+def pick_win_lose(scores, threshold):
+    """scores (k, b) -> winner index (b,), loser index (b,), valid (b,).
+
+    The best and the worst candidate of each pool; the pair counts only if the preference model is sure
+    enough: softmax([s_max, s_min])[0] - softmax(...)[1] = tanh((s_max - s_min) / 2) > threshold. The middle
+    candidates never matter (golden README N6)."""
+    s_max, win = scores.max(dim=0)
+    s_min, lose = scores.min(dim=0)
+    p = torch.softmax(torch.stack([s_max, s_min]), dim=0)  # (2, b)
+    return win, lose, p[0] - p[1] > threshold
+
+
+@torch.no_grad()
+def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
+    """Run one batch of prompts through the SPO sampler and return the kept training pairs.
+
+    cond/uncond: SD text embeddings (b, L, D). score_fn(images (n, 3, H, W), timesteps (n,)) -> (n,) scores,
+    already bound to the batch's prompts, sample-major: index j * b + p is candidate j of prompt p.
+    Random draws follow the official order exactly (golden README section 9), so a CPU run is bit-exact.
+    Returns dict(x_t, t, win, lose, cond) for the kept pairs (V, ...) and all scores."""
+    b, k, device = cond.shape[0], cfg.k, cond.device
+    step_ratio = pipe.num_train_timesteps // cfg.steps
+    timesteps = ddim_timesteps(cfg.steps, pipe.num_train_timesteps, pipe.steps_offset).to(device)
+    size = cfg.resolution // pipe.vae_scale
+    step = lambda eps, t, x: ddim_step(eps, t, x, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    randn = lambda *shape: torch.randn(shape, generator=generator, device=device)
+
+    x = randn(b, unet.config.in_channels, size, size)
+    parent, kept, all_scores = x, [], []
+
+    def judge(children, images, t_children, t_parent):
+        # Score the pool, keep (parent, winner, loser) where the preference is clear. The pair is labelled
+        # with the parent's timestep: it trains the step x_t -> x_{t-1} (golden README N7).
+        scores = score_fn(images, t_children.expand(k * b)).float()
+        all_scores.append(scores)
+        win, lose, valid = pick_win_lose(scores.view(k, b), cfg.threshold)  # (k * b,) -> (k, b)
+        p = torch.arange(b, device=device)
+        kept.append(dict(x_t=parent[valid], t=t_parent.expand(b)[valid], win=children[win, p][valid],
+                         lose=children[lose, p][valid], cond=cond[valid]))
+
+    for i, t in enumerate(timesteps):
+        if i < cfg.divert_start_step:  # plain stochastic DDIM on one trajectory per prompt
+            eps = predict_noise(unet, x, t.expand(b), cond, uncond, cfg.cfg)
+            _, _, mean, std = step(eps, t, x)
+            x = mean + std.view(-1, 1, 1, 1) * randn(b, *x.shape[1:])
+            parent = x
+            continue
+        if i == cfg.divert_start_step:  # first pool: k children of the shared x_t
+            eps = predict_noise(unet, parent, t.expand(b), cond, uncond, cfg.cfg)
+            _, _, mean, std = step(eps, t, parent)
+        else:
+            # One UNet pass over the whole pool gives each child's x0-prediction at the child's own timestep t;
+            # the step-aware preference model judges those decoded x0 at t.
+            flat = children.flatten(0, 1)  # (k, b, c, h, w) -> (k * b, c, h, w)
+            eps = predict_noise(unet, flat, t.expand(k * b), cond.repeat(k, 1, 1), uncond.repeat(k, 1, 1), cfg.cfg)
+            x0, _, mean, std = step(eps, t, flat)
+            judge(children, pipe.decode(x0), t, t_parent)
+            # Continue from a uniformly random child, not the winner (as the official code), reusing its
+            # noise prediction to draw the next pool.
+            idx = torch.randint(0, k, (b,), generator=generator, device=device)
+            pick = idx * b + torch.arange(b, device=device)  # flat index of child idx[p] of prompt p
+            parent, mean, std = flat[pick], mean[pick], std[pick]
+        children = mean[None] + std.view(1, -1, 1, 1, 1) * randn(k, *mean.shape)  # (k, b, c, h, w)
+        t_parent = t
+    # After the last step the children are images: score them themselves, at t = 0.
+    judge(children, pipe.decode(children.flatten(0, 1)), torch.zeros_like(t_parent), t_parent)
+    pairs = {key: torch.cat([d[key] for d in kept]) for key in kept[0]}
+    return pairs, torch.cat(all_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRAINING: the SPO loss on the kept pairs.
+
+
+def pair_log_probs(pipe, unet, pairs, uncond, cfg):
+    """log p(winner | x_t) and log p(loser | x_t) under the policy (with grad) and the reference (no grad)."""
+    x_t, t, cond = pairs["x_t"], pairs["t"], pairs["cond"]
+    step_ratio = pipe.num_train_timesteps // cfg.steps
+    # Deliberate difference from the official code, same math: winner and loser share x_t, t and the prompt,
+    # so one policy forward and one reference forward serve both (the official code runs four).
+    eps = predict_noise(unet, x_t, t, cond, uncond, cfg.cfg)
+    # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
+    with torch.no_grad(), lora_disabled(unet):
+        eps_ref = predict_noise(unet, x_t, t, cond, uncond, cfg.cfg)
+    _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    lp = lambda child, m: ddim_log_prob(child, m, std)
+    return lp(pairs["win"], mean), lp(pairs["lose"], mean), lp(pairs["win"], mean_ref), lp(pairs["lose"], mean_ref)
+
+
+def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
+    """The step-wise DPO objective of SPO: -log sigmoid(beta * (log r_w - log r_l)), r = p_policy / p_ref.
+
+    As in the official code the ratios are clamped to [1 - eps, 1 + eps] on both sides (no PPO min), so a
+    clamped side has zero gradient and |beta * (log r_w - log r_l)| stays small enough for log(sigmoid(.))."""
+    ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
+    ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
+    loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
+    return loss, ratio_w, ratio_l
+
+
+# ----------------------------------------------------------------------------------------------
+# Run: setup, the epoch loop, checkpoints.
+
+
+def batch_generator(cfg, device, epoch, batch):
+    """Every prompt batch draws from its own generator, seeded by (seed, epoch, batch): a resumed run draws
+    exactly what an uninterrupted one would, without saving any RNG state."""
+    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + batch)
+
+
+def make_score_fn(scorer, prompts, k):
+    """Bind the batch's prompts to the preference model. Prompts go through the preference model's own
+    tokenizer, and their text features are computed once, not once per candidate and step."""
+    input_ids = scorer.tokenize(prompts)
+    text = scorer.encode_text(input_ids).repeat(k, 1)  # (b, d) -> (k * b, d), sample-major
+    return lambda images, t: scorer.score(images, None, t, text_features=text)
+
+
+@torch.no_grad()
+def save_validation_grid(pipe, unet, cfg, path):
+    """Fixed prompts and seeds, plain DDIM (eta 0) as the official validation, one image per (prompt, seed)."""
+    size = cfg.resolution // pipe.vae_scale
+    uncond = pipe.encode_prompts([""])
+    images = []
+    for prompt in cfg.validation_prompts:
+        cond = pipe.encode_prompts([prompt])
+        for seed in cfg.validation_seeds:
+            gen = torch.Generator(cond.device).manual_seed(seed)
+            z = torch.randn((1, unet.config.in_channels, size, size), generator=gen, device=cond.device)
+            images.append(pipe.decode(ddim_sample(pipe, unet, cond, uncond, z, cfg.steps, cfg.cfg)))
+    save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
+
+
+def checkpoint_dirs(out):
+    return sorted((out / "checkpoints").glob("epoch-*"), key=lambda d: int(d.name.split("-")[1]))
+
+
+def save_checkpoint(out, unet, optimizer, scaler, progress):
+    """checkpoints/epoch-N/: LoRA, optimizer and scaler state, progress. Written under a temporary name and
+    renamed, so a crash never leaves a half checkpoint that --resume would pick."""
+    final = out / "checkpoints" / f"epoch-{progress['epoch']}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(unet, tmp / "pytorch_lora_weights.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def train(cfg, scorer=None):
+    """The whole run. `scorer` replaces the preference model (tests use a rule-based one)."""
+    out = Path(cfg.out)
+    prompts = load_prompts(cfg)
+    device = torch.device(cfg.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+    # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Models: frozen weights in `dtype`, LoRA parameters in fp32.
+    pipe = Pipeline(cfg.pretrained, device, dtype)
+    torch.manual_seed(cfg.seed)  # the LoRA init
+    lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.init_lora:
+        load_lora(pipe.unet, cfg.init_lora)
+    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # pipe.unet stays the uncompiled handle
+    if device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
+                                             cfg.preference_checkpoint, device=device, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+
+    # The run folder: a fresh one, or resume from the newest checkpoint.
+    first_epoch, global_step = 0, 0
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "epochs", "device")}
+    if cfg.resume:
+        saved = json.loads((out / "config.json").read_text())
+        changed = [k for k in settings if k in saved and saved[k] != (list(settings[k]) if isinstance(settings[k], tuple) else settings[k])]
+        if changed:
+            raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
+        ckpts = checkpoint_dirs(out)
+        if ckpts:
+            progress = json.loads((ckpts[-1] / "progress.json").read_text())
+            load_lora(pipe.unet, ckpts[-1] / "pytorch_lora_weights.safetensors")
+            state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            first_epoch, global_step = progress["epoch"] + 1, progress["global_step"]
+            print(f"resuming {out} after epoch {progress['epoch']} (step {global_step})")
+    else:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
+        lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+
+    uncond_1 = pipe.encode_prompts([""])  # (1, L, D): the empty-prompt negative
+    b = cfg.sample_batch_size
+    n_batches = math.ceil(len(prompts) / b)
+    unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
+    print(f"{len(prompts)} prompts, {n_batches} batches of {b} per epoch, epochs {first_epoch}..{cfg.epochs - 1}\n"
+          f"per prompt: {unet_calls} sampling UNet calls (CFG-batched), {cfg.k * (cfg.steps - cfg.divert_start_step)}"
+          f" VAE decodes and preference scores, at most {cfg.steps - cfg.divert_start_step} pairs")
+
+    for epoch in tqdm(range(first_epoch, cfg.epochs), desc="epoch", initial=first_epoch, total=cfg.epochs):
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for batch in tqdm(range(n_batches), desc="batch", leave=False):
+            batch_prompts = [prompts[i] for i in order[batch * b:(batch + 1) * b]]
+            gen = batch_generator(cfg, device, epoch, batch)
+            ######## SAMPLING ########
+            cond = pipe.encode_prompts(batch_prompts)
+            uncond = uncond_1.expand_as(cond)
+            with autocast:
+                pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond, make_score_fn(scorer, batch_prompts, cfg.k), cfg, gen)
+            ######## TRAINING ########
+            n = len(pairs["t"])
+            perm = torch.randperm(n, generator=gen, device=device)  # shuffle the kept pairs
+            for start in range(0, n, cfg.train_batch_size):  # the last, partial batch is kept
+                idx = perm[start:start + cfg.train_batch_size]
+                mb = {key: v[idx] for key, v in pairs.items()}
+                with autocast:
+                    logps = pair_log_probs(pipe, unet, mb, uncond_1.expand_as(mb["cond"]), cfg)
+                loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                record = dict(step=global_step, epoch=epoch, batch=batch, loss=loss.item(), ratio_win=ratio_w.mean().item(),
+                              ratio_lose=ratio_l.mean().item(), grad_norm=grad_norm.item(), pairs=n,
+                              score_mean=scores.mean().item(), score_std=scores.std().item())
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        save_checkpoint(out, pipe.unet, optimizer, scaler, {"epoch": epoch, "global_step": global_step})
+        save_validation_grid(pipe, unet, cfg, out / "samples" / f"epoch-{epoch}.png")
+    save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
+    print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
+    return pipe
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,17 @@ PRESETS = {
 }
 
 
+def quiet_libraries():
+    """Silence diffusers' and transformers' info logs and loading bars: our own progress bars say what happens."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 class UserError(Exception):
     """A problem with the user's input: the scripts print its message on one line and exit 2."""
 
@@ -171,6 +182,7 @@ class Pipeline:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        quiet_libraries()
         path = str(tiny_pipeline_path()) if pretrained == "tiny" else pretrained
         parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                  ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]

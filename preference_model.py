@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import PRESETS, UserError, build_once, cannot_load, resolve_file, write_tiny_tokenizer
+from diffusion import PRESETS, UserError, build_once, cannot_load, quiet_libraries, resolve_file, write_tiny_tokenizer
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 
@@ -353,8 +353,7 @@ def main(argv=None):
     score.add_argument("--checkpoint", help="SPM weights: .bin/.safetensors file or owner/repo/filename")
     score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # stderr keeps to one line per error
+    quiet_libraries()  # stderr keeps to one line per error
     try:
         score_command(args)
     except UserError as err:

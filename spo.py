@@ -99,7 +99,9 @@ def parse_args(argv=None):
     preset = PRESETS[model]
     from_preset = {"pretrained": preset["pretrained"], "resolution": preset["resolution"],
                    "preference_model": preset["spm_base"], "preference_processor": preset["spm_processor"],
-                   "preference_checkpoint": preset["spm_checkpoint"], **PRESET_OVERRIDES[model]}
+                   # plain PickScore has no time conditioning, so no SPM checkpoint applies to it
+                   "preference_checkpoint": preset["spm_checkpoint"] if args.get("preference") != "pickscore" else None,
+                   **PRESET_OVERRIDES[model]}
     merged = {**from_preset, **args}
     merged["device"] = merged.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = merged["device"].startswith("cuda")
@@ -340,16 +342,16 @@ def train(cfg, scorer=None):
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
         load_lora(pipe.unet, cfg.init_lora)
-    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # pipe.unet stays the uncompiled handle
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
+    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # pipe.unet stays the uncompiled handle
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
                                              cfg.preference_checkpoint, device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
 
     # The run folder: a fresh one, or resume from the newest checkpoint.
     first_epoch, global_step = 0, 0
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "epochs", "device")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "epochs", "device", "out")}
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
         changed = [k for k in settings if k in saved and saved[k] != (list(settings[k]) if isinstance(settings[k], tuple) else settings[k])]

@@ -32,7 +32,7 @@ PRESETS = {
         resolution=32,
         spm_base="tiny",  # resolved by preference_model.tiny_spm_paths()
         spm_processor="tiny",
-        spm_checkpoint=None,
+        spm_checkpoint="tiny",
     ),
 }
 
@@ -393,10 +393,13 @@ def ddim_log_prob(x_prev, mean, std):
 
 def predict_noise(unet, x, t, cond, uncond, cfg):
     """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
-    x (n, c, h, w), t (n,), cond/uncond (n, L, D). Returns float32."""
+    x (n, c, h, w), t (n,), cond/uncond (n, L, D). Inputs go in the UNet's dtype, so this works with or without
+    autocast (LoRALinear keeps its own branch in fp32); latents and the result stay float32."""
+    dt = unet.dtype
     if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
-        return unet(x, t, cond).sample.float()
-    eps_uncond, eps_cond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.float().chunk(2)
+        return unet(x.to(dt), t, cond.to(dt)).sample.float()
+    x2, c2 = torch.cat([x, x]).to(dt), torch.cat([uncond, cond]).to(dt)
+    eps_uncond, eps_cond = unet(x2, torch.cat([t, t]), c2).sample.float().chunk(2)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
 

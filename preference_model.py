@@ -15,7 +15,6 @@ load as they are. Look at scores with
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import PRESETS, UserError, build_once, cannot_load, quiet_libraries, resolve_file, write_tiny_tokenizer
+from diffusion import PRESETS, UserError, atomic_write, build_once, cannot_load, quiet_libraries, resolve_file, write_tiny_tokenizer
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 
@@ -43,7 +42,8 @@ def write_image_processor_settings(folder, size, mean, std):
 
 
 def build_tiny_spm(folder):
-    """A seeded tiny CLIP saved as a transformers model folder plus a processor folder (tokenizer + settings)."""
+    """A seeded tiny CLIP saved as a transformers model folder plus a processor folder (tokenizer + settings),
+    and a "trained" SPM checkpoint whose time conditioning is random, so tiny runs really depend on t."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
@@ -56,13 +56,21 @@ def build_tiny_spm(folder):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(**tower, image_size=32, patch_size=4), projection_dim=16)
-    CLIPModel(config).save_pretrained(Path(folder) / "model")
+    clip = CLIPModel(config)
+    clip.save_pretrained(Path(folder) / "model")
+    spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
+        for name, p in spm.named_parameters():
+            if "adaLN_modulation" in name or "t_embedder" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(spm, Path(folder) / "spm.safetensors")
 
 
 def tiny_spm_paths():
-    """(base, processor) folders of the tiny SPM, built on first use."""
-    folder = build_once("tiny-spm-v1", build_tiny_spm)
-    return str(folder / "model"), str(folder / "processor")
+    """(base, processor, checkpoint) of the tiny SPM, built on first use."""
+    folder = build_once("tiny-spm-v2", build_tiny_spm)
+    return str(folder / "model"), str(folder / "processor"), str(folder / "spm.safetensors")
+
 
 # ----------------------------------------------------------------------------------------------
 # Time conditioning: the modules the SPM adds to CLIP, named as in the official checkpoints.
@@ -138,14 +146,13 @@ class PickScoreModel(nn.Module):
     def from_pretrained(cls, base, processor, checkpoint=None, device="cpu", dtype=torch.float32,
                         flag_prefix="--"):
         """base: a saved CLIPModel, processor: a saved CLIP processor or tokenizer + preprocessor_config.json
-        (hub ids or local folders; "tiny" builds the tiny one). checkpoint: an official .bin or our
+        (hub ids or local folders; "tiny" builds the tiny ones). checkpoint: an official .bin or our
         .safetensors. flag_prefix names the caller's flags in error messages (spo.py may pass "--spm-")."""
         from transformers import AutoTokenizer, CLIPModel
         from transformers.image_processing_base import ImageProcessingMixin
 
-        tiny_base, tiny_processor = tiny_spm_paths() if "tiny" in (base, processor) else (None, None)
-        base = tiny_base if base == "tiny" else base
-        processor = tiny_processor if processor == "tiny" else processor
+        tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
+        base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip((base, processor, checkpoint), tiny)]
         for spec, flag in [(base, "base"), (processor, "processor")]:  # a local path, not a hub id
             if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
                 raise UserError(f"{flag_prefix}{flag}: no such folder: {spec}")
@@ -304,9 +311,7 @@ def save_checkpoint(model, path):
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = f"{path}.tmp"
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)  # a crash never leaves a half-written checkpoint under the real name
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
 # ----------------------------------------------------------------------------------------------

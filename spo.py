@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -500,6 +500,24 @@ def test_tiny_run_writes_a_diffusers_loadable_lora_and_its_records(tiny_run):
     assert not torch.allclose(unet_out(pipe.unet, io), base), "diffusers must attach the trained LoRA"
 
 
+def test_tiny_preset_spm_is_step_aware():
+    """The tiny preset loads its SPM through a checkpoint, like sd15, and its scores depend on t."""
+    spm = pm.load_preference_model("spm", "tiny", "tiny", "tiny")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = spm.tokenize(["a red cat", "a red cat"])
+    scores = torch.stack([spm.score(images, ids, t) for t in (0, 500, 999)])
+    assert (scores[1:] - scores[0]).abs().min() > 1e-3, "tiny SPM scores must change with the timestep"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(precision, tmp_path):
+    """Autocast with half-precision frozen weights (and the GradScaler for fp16) on the CPU: finite losses."""
+    out = tmp_path / precision
+    spo.main(FAST[:-1] + ["1", "--precision", precision, "--out", str(out)])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+
+
 def test_plain_pickscore_ablation_runs(tmp_path):
     out = tmp_path / "pickscore"
     spo.main(FAST[:-1] + ["1", "--preference", "pickscore", "--out", str(out)])

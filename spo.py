@@ -16,9 +16,11 @@ The math matches the authors' code (checked against their vectors in ../shared/g
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (PRESETS, Pipeline, UserError, atomic_write, ddim_log_prob, ddim_sample, ddim_step,
-                       ddim_timesteps, inject_lora, load_lora, lora_disabled, predict_noise, save_grid, save_lora)
+                       ddim_timesteps, inject_lora, load_lora, load_safetensors, lora_disabled, predict_noise, save_grid,
+                       save_lora)
 from preference_model import load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +71,9 @@ class Config:
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
     device: str = None  # default cuda if available
+    save_every: int = 0  # also checkpoint every N prompt batches (0: only at epoch ends)
+    keep: int = 0  # keep the newest N checkpoints (0: all)
+    max_bad_steps: int = 10  # abort after this many non-finite steps in a row
     validation_prompts: tuple = ("A beautiful lake", "a photo of a cat")  # the epoch-end grid
     validation_seeds: tuple = (0, 1)
 
@@ -131,6 +137,8 @@ def validate(cfg):
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
+        (cfg.save_every >= 0 and cfg.keep >= 0, f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
+        (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
         (cfg.resolution % 8 == 0 and cfg.resolution > 0, f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
         (cfg.model == "tiny" or cfg.prompts, f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
@@ -306,28 +314,101 @@ def save_validation_grid(pipe, unet, cfg, path):
     save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
 
 
+# Checkpoints are named by the position of the next work to do: (epoch, batch, first pair of the batch to train).
+# A stop in the middle of a batch also saves that batch's kept pairs, so training goes on exactly where it stopped.
+
+
 def checkpoint_dirs(out):
-    return sorted((out / "checkpoints").glob("epoch-*"), key=lambda d: int(d.name.split("-")[1]))
+    return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
 
 
-def save_checkpoint(out, unet, optimizer, scaler, progress):
-    """checkpoints/epoch-N/: LoRA, optimizer and scaler state, progress. Written under a temporary name and
-    renamed, so a crash never leaves a half checkpoint that --resume would pick."""
-    final = out / "checkpoints" / f"epoch-{progress['epoch']}"
+def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0):
+    """checkpoints/epoch-E_batch-B_pair-P/: LoRA, optimizer and GradScaler state, progress (and pending pairs).
+    No RNG state is needed: every prompt batch seeds its own generator (batch_generator). Written under a
+    temporary name and renamed, so a crash never leaves a half checkpoint that --resume would pick."""
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / "epoch-{:04d}_batch-{:06d}_pair-{:05d}".format(*progress["position"])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_lora(unet, tmp / "pytorch_lora_weights.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+    if pending is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in pending.items()}, tmp / "pending_pairs.safetensors")
     (tmp / "progress.json").write_text(json.dumps(progress))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    for old in checkpoint_dirs(out)[:-keep] if keep else []:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(folder, unet, optimizer, scaler, device):
+    """The newest checkpoint back into the LoRA, optimizer and scaler; returns (progress, pending pairs or None)."""
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+    except Exception as err:
+        raise UserError(f"--resume: checkpoint {folder} is unreadable ({type(err).__name__}: {err})") from None
+    load_lora(unet, folder / "pytorch_lora_weights.safetensors")
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    pending = folder / "pending_pairs.safetensors"
+    pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
+    return progress, pending
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current optimizer
+    step, writes a checkpoint and exits cleanly. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class TrainingAborted(Exception):
+    """Too many non-finite steps in a row: the run stops, keeping its last good checkpoint."""
+
+
+def optimizer_step(pipe, unet, mb, uncond, params, optimizer, scaler, autocast, cfg):
+    """One SPO update on a micro-batch of pairs. A non-finite loss or gradient skips the update (fp16
+    GradScaler semantics, for every precision) and says why in the returned metrics record."""
+    with autocast:
+        logps = pair_log_probs(pipe, unet, mb, uncond, cfg)
+    loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
+    record = dict(loss=loss.item(), ratio_win=ratio_w.mean().item(), ratio_lose=ratio_l.mean().item(), pairs=len(mb["t"]))
+    if not math.isfinite(record["loss"]):
+        return {**record, "skipped": "non-finite loss"}
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+    if math.isfinite(record["grad_norm"]):
+        scaler.step(optimizer)
+    else:
+        record["skipped"] = "non-finite gradient"
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return record
 
 
 def train(cfg, scorer=None):
-    """The whole run. `scorer` replaces the preference model (tests use a rule-based one)."""
+    """The whole run. `scorer` replaces the preference model (tests use a rule-based one). Returns the pipeline,
+    or None when a signal stopped the run."""
     out = Path(cfg.out)
     prompts = load_prompts(cfg)
+    prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     device = torch.device(cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
@@ -337,6 +418,9 @@ def train(cfg, scorer=None):
 
     # Models: frozen weights in `dtype`, LoRA parameters in fp32.
     pipe = Pipeline(cfg.pretrained, device, dtype)
+    too_long = sum(len(ids) > pipe.tokenizer.model_max_length for ids in pipe.tokenizer(prompts).input_ids)
+    if too_long:
+        print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens and get truncated")
     torch.manual_seed(cfg.seed)  # the LoRA init
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
@@ -349,22 +433,19 @@ def train(cfg, scorer=None):
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
 
     # The run folder: a fresh one, or resume from the newest checkpoint.
-    first_epoch, global_step = 0, 0
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "epochs", "device", "out")}
+    position, global_step, pending = (0, 0, 0), 0, None
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
-        changed = [k for k in settings if k in saved and saved[k] != (list(settings[k]) if isinstance(settings[k], tuple) else settings[k])]
+        changed = [k for k in RESUMABLE_SETTINGS if saved.get(k) != json.loads(json.dumps(getattr(cfg, k)))]
         if changed:
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
         ckpts = checkpoint_dirs(out)
         if ckpts:
-            progress = json.loads((ckpts[-1] / "progress.json").read_text())
-            load_lora(pipe.unet, ckpts[-1] / "pytorch_lora_weights.safetensors")
-            state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            first_epoch, global_step = progress["epoch"] + 1, progress["global_step"]
-            print(f"resuming {out} after epoch {progress['epoch']} (step {global_step})")
+            progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device)
+            if progress["prompts_sha256"] != prompts_sha:
+                raise UserError(f"--resume: the prompts differ from those of the run in {out}")
+            position, global_step = tuple(progress["position"]), progress["global_step"]
+            print(f"resuming {out} from {ckpts[-1].name} (step {global_step})")
     else:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
@@ -379,46 +460,71 @@ def train(cfg, scorer=None):
     b = cfg.sample_batch_size
     n_batches = math.ceil(len(prompts) / b)
     unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
-    print(f"{len(prompts)} prompts, {n_batches} batches of {b} per epoch, epochs {first_epoch}..{cfg.epochs - 1}\n"
+    print(f"{len(prompts)} prompts, {n_batches} batches of {b} per epoch, {cfg.epochs} epochs\n"
           f"per prompt: {unet_calls} sampling UNet calls (CFG-batched), {cfg.k * (cfg.steps - cfg.divert_start_step)}"
           f" VAE decodes and preference scores, at most {cfg.steps - cfg.divert_start_step} pairs")
 
-    for epoch in tqdm(range(first_epoch, cfg.epochs), desc="epoch", initial=first_epoch, total=cfg.epochs):
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        for batch in tqdm(range(n_batches), desc="batch", leave=False):
-            batch_prompts = [prompts[i] for i in order[batch * b:(batch + 1) * b]]
-            gen = batch_generator(cfg, device, epoch, batch)
-            ######## SAMPLING ########
-            cond = pipe.encode_prompts(batch_prompts)
-            uncond = uncond_1.expand_as(cond)
-            with autocast:
-                pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond, make_score_fn(scorer, batch_prompts, cfg.k), cfg, gen)
-            ######## TRAINING ########
-            n = len(pairs["t"])
-            perm = torch.randperm(n, generator=gen, device=device)  # shuffle the kept pairs
-            for start in range(0, n, cfg.train_batch_size):  # the last, partial batch is kept
-                idx = perm[start:start + cfg.train_batch_size]
-                mb = {key: v[idx] for key, v in pairs.items()}
-                with autocast:
-                    logps = pair_log_probs(pipe, unet, mb, uncond_1.expand_as(mb["cond"]), cfg)
-                loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                record = dict(step=global_step, epoch=epoch, batch=batch, loss=loss.item(), ratio_win=ratio_w.mean().item(),
-                              ratio_lose=ratio_l.mean().item(), grad_norm=grad_norm.item(), pairs=n,
-                              score_mean=scores.mean().item(), score_std=scores.std().item())
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-        save_checkpoint(out, pipe.unet, optimizer, scaler, {"epoch": epoch, "global_step": global_step})
-        save_validation_grid(pipe, unet, cfg, out / "samples" / f"epoch-{epoch}.png")
+    def checkpoint(position, pending=None):
+        progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha)
+        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep)
+
+    bad_steps = 0
+    with StopSignal() as stop:
+        for epoch in tqdm(range(position[0], cfg.epochs), desc="epoch", initial=position[0], total=cfg.epochs):
+            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            first_batch = position[1] if epoch == position[0] else 0
+            for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches, leave=False):
+                if pending is not None:  # resuming in the middle of this batch
+                    pairs = {key: pending[key] for key in ("x_t", "t", "win", "lose", "cond")}
+                    scores, perm, start, pending = pending["scores"], pending["perm"], position[2], None
+                else:
+                    ######## SAMPLING ########
+                    batch_prompts = [prompts[i] for i in order[batch * b:(batch + 1) * b]]
+                    gen = batch_generator(cfg, device, epoch, batch)
+                    cond = pipe.encode_prompts(batch_prompts)
+                    with autocast:
+                        pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond_1.expand_as(cond),
+                                                              make_score_fn(scorer, batch_prompts, cfg.k), cfg, gen)
+                    perm, start = torch.randperm(len(pairs["t"]), generator=gen, device=device), 0  # shuffle the pairs
+                ######## TRAINING ########
+                for start in range(start, len(perm), cfg.train_batch_size):  # the last, partial batch is kept
+                    if stop.signum:
+                        folder = checkpoint((epoch, batch, start), {**pairs, "scores": scores, "perm": perm})
+                        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint {folder}; continue with the "
+                              f"same command plus --resume")
+                        return None
+                    mb = {key: v[perm[start:start + cfg.train_batch_size]] for key, v in pairs.items()}
+                    record = optimizer_step(pipe, unet, mb, uncond_1.expand_as(mb["cond"]), lora_params, optimizer, scaler,
+                                            autocast, cfg)
+                    global_step += 1
+                    record = dict(step=global_step, epoch=epoch, batch=batch, **record, pairs_kept=len(perm),
+                                  score_mean=scores.mean().item(), score_std=scores.std().item())
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bad_steps = bad_steps + 1 if "skipped" in record else 0
+                    if bad_steps:
+                        tqdm.write(f"step {global_step}: {record['skipped']}, update skipped ({bad_steps} in a row)")
+                    if bad_steps >= cfg.max_bad_steps:
+                        raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {global_step}); "
+                                              f"the last good checkpoint is kept in {out / 'checkpoints'}")
+                if stop.signum or (cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches):
+                    folder = checkpoint((epoch, batch + 1, 0))
+                    if stop.signum:
+                        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint {folder}; continue with the "
+                              f"same command plus --resume")
+                        return None
+            checkpoint((epoch + 1, 0, 0))
+            save_validation_grid(pipe, pipe.unet, cfg, out / "samples" / f"epoch-{epoch}.png")
     save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
     print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
     return pipe
+
+
+# Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
+RESUMABLE_SETTINGS = ("model", "pretrained", "init_lora", "preference", "preference_model", "preference_processor",
+                      "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
+                      "threshold", "beta", "eps", "lr", "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size",
+                      "train_batch_size", "max_grad_norm", "precision")
 
 
 def main(argv=None):
@@ -427,6 +533,9 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ import contextlib
 import json
 import math
 import os
+import random
+import signal
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -489,7 +492,9 @@ def test_tiny_run_writes_a_diffusers_loadable_lora_and_its_records(tiny_run):
     assert all(math.isfinite(m["loss"]) and m["pairs"] > 0 for m in metrics)
     assert json.loads((tiny_run / "config.json").read_text())["k"] == 3, "config.json must record the run's settings"
     assert sorted(p.name for p in (tiny_run / "samples").iterdir()) == ["epoch-0.png", "epoch-1.png"]
-    assert [p.name for p in spo.checkpoint_dirs(tiny_run)] == ["epoch-0", "epoch-1"]
+    # one checkpoint per epoch end, named by where the run goes on: (epoch, batch, pair)
+    assert [p.name for p in spo.checkpoint_dirs(tiny_run)] == ["epoch-0001_batch-000000_pair-00000",
+                                                               "epoch-0002_batch-000000_pair-00000"]
     lora = load_file(str(tiny_run / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if ".up." in k), "training must have moved the LoRA"
@@ -539,7 +544,7 @@ def test_resume_redoes_lost_work_and_truncates_metrics(tiny_run, tmp_path):
     """A run killed during epoch 1, after some of its metrics were written: resume from epoch 0's checkpoint."""
     out = tmp_path / "killed"
     shutil.copytree(tiny_run, out)
-    shutil.rmtree(out / "checkpoints" / "epoch-1")
+    shutil.rmtree(spo.checkpoint_dirs(out)[-1])
     (out / "pytorch_lora_weights.safetensors").unlink()
     spo.main(FAST + ["--out", str(out), "--resume"])
     a, b = load_file(str(tiny_run / "pytorch_lora_weights.safetensors")), load_file(str(out / "pytorch_lora_weights.safetensors"))
@@ -648,3 +653,128 @@ def test_torch_compile_of_the_lora_unet_matches_eager():
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([901, 1]), torch.randn(2, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, cond).sample, pipe.unet(x, t, cond).sample, rtol=1e-4, atol=1e-5)
+
+
+# ---- reliability: interrupted runs, untrusted files, numerical faults ----
+
+
+def run_spo(args, **popen):
+    """spo.py as a real process, single-threaded like this test process, so results are bitwise comparable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "spo.py", *args], cwd=Path(__file__).parent, env=env, text=True, **popen)
+
+
+def assert_same_run(a, b):
+    lora_a, lora_b = load_file(str(a / "pytorch_lora_weights.safetensors")), load_file(str(b / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a), "final LoRA differs from the uninterrupted run"
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text(), "metrics differ"
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tiny_run, tmp_path):
+    out, rng = tmp_path / "killed", random.Random(20241127)  # the kill points come from this seed
+    args = FAST + ["--out", str(out), "--save-every", "1"]
+    kills = 0
+    for _ in range(3):
+        proc = run_spo(args + (["--resume"] if (out / "config.json").exists() else []),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(7, 13))  # start-up takes ~6 s, the run ~8 s more
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL: no chance to clean up
+            proc.wait()
+            kills += 1
+    last = run_spo(args + (["--resume"] if (out / "config.json").exists() else []), stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    stdout, stderr = last.communicate(timeout=120)
+    assert last.returncode == 0, stderr[-2000:]
+    assert kills >= 2, f"only {kills} kills: the test did not interrupt the run"
+    assert_same_run(tiny_run, out)
+
+
+def test_sigterm_checkpoints_mid_batch_exits_0_and_resumes_exactly(tmp_path):
+    args = FAST + ["--train-batch-size", "2"]  # several optimizer steps per batch, so the stop lands mid-batch
+    spo.main(args + ["--out", str(tmp_path / "reference")])
+    out = tmp_path / "preempted"
+    proc = run_spo(args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "--resume" in stdout, "the stop message must say how to resume"
+    assert (spo.checkpoint_dirs(out)[-1] / "pending_pairs.safetensors").is_file(), "expected a mid-batch checkpoint"
+    resumed = run_spo(args + ["--out", str(out), "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert resumed.wait(timeout=120) == 0
+    assert_same_run(tmp_path / "reference", out)
+
+
+class Exploit:
+    """Unpickling this would run code: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path, capsys):
+    marker, evil = tmp_path / "pwned.txt", tmp_path / "spm.bin"
+    torch.save({"model.logit_scale": Exploit(str(marker))}, evil)
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(tmp_path / "run"), "--preference-checkpoint", str(evil)])
+    assert exit_info.value.code == 2 and str(evil) in capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_pickled_optimizer_state_is_refused_on_resume(tiny_run, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "pwned.txt"
+    shutil.copytree(tiny_run, out)
+    torch.save({"optimizer": Exploit(str(marker))}, spo.checkpoint_dirs(out)[-1] / "optimizer.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])
+    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
+    cut = tmp_path / "cut.safetensors"
+    data = (tiny_run / "pytorch_lora_weights.safetensors").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(tmp_path / "run"), "--init-lora", str(cut)])
+    assert exit_info.value.code == 2 and str(cut) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def nan_loss_at(monkeypatch, bad_calls):
+    """Make spo_loss return NaN on the given call numbers (1-based; None: every call)."""
+    real, calls = spo.spo_loss, []
+
+    def flaky(*args):
+        calls.append(1)
+        loss, ratio_w, ratio_l = real(*args)
+        return (loss * float("nan") if bad_calls is None or len(calls) in bad_calls else loss), ratio_w, ratio_l
+
+    monkeypatch.setattr(spo, "spo_loss", flaky)
+
+
+def test_one_nan_loss_is_skipped_and_the_run_finishes(monkeypatch, tmp_path):
+    nan_loss_at(monkeypatch, {2})
+    out = tmp_path / "nan-once"
+    spo.main(FAST + ["--out", str(out)])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped") for m in metrics[:3]] == [None, "non-finite loss", None]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypatch, tmp_path, capsys):
+    nan_loss_at(monkeypatch, None)
+    out = tmp_path / "nan-always"
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--max-bad-steps", "3"])
+    assert exit_info.value.code == 1 and "3 non-finite steps in a row" in capsys.readouterr().err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"

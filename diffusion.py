@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import time
 import torch
 import torch.nn as nn
 
@@ -69,6 +70,11 @@ def build_once(name, build):
     final = cache_dir() / name
     if final.exists():
         return final
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # transformers writes weights only on rank 0 of a process group: rank 0 builds, the others wait for it
+        # (a shared cache folder, as on one machine; the tiny models are for tests, not multi-node runs).
+        while not final.exists():
+            time.sleep(0.2)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
@@ -395,7 +401,7 @@ def predict_noise(unet, x, t, cond, uncond, cfg):
     """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
     x (n, c, h, w), t (n,), cond/uncond (n, L, D). Inputs go in the UNet's dtype, so this works with or without
     autocast (LoRALinear keeps its own branch in fp32); latents and the result stay float32."""
-    dt = unet.dtype
+    dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
     if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
         return unet(x.to(dt), t, cond.to(dt)).sample.float()
     x2, c2 = torch.cat([x, x]).to(dt), torch.cat([uncond, cond]).to(dt)

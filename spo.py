@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (PRESETS, Pipeline, UserError, atomic_write, ddim_log_prob, ddim_sample, ddim_step,
@@ -66,7 +69,8 @@ class Config:
     lora_rank: int = 4
     lora_alpha: float = 4.0  # scale = alpha / rank
     sample_batch_size: int = 10  # prompts per batch
-    train_batch_size: int = 10  # pairs per optimizer step
+    train_batch_size: int = 10  # pairs per micro-batch, per GPU
+    grad_accum: int = 1  # micro-batches per optimizer step (within one prompt batch's pairs)
     max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
@@ -132,6 +136,7 @@ def validate(cfg):
         (cfg.eta > 0, f"--eta must be > 0: with eta 0 DDIM is deterministic and candidates cannot differ, got {cfg.eta}"),
         (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
         (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.lora_rank >= 1, f"--lora-rank must be >= 1, got {cfg.lora_rank}"),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
@@ -254,16 +259,17 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
 # TRAINING: the SPO loss on the kept pairs.
 
 
-def pair_log_probs(pipe, unet, pairs, uncond, cfg):
-    """log p(winner | x_t) and log p(loser | x_t) under the policy (with grad) and the reference (no grad)."""
+def pair_log_probs(pipe, policy, reference, pairs, uncond, cfg):
+    """log p(winner | x_t) and log p(loser | x_t) under the policy (with grad) and the reference (no grad).
+    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper."""
     x_t, t, cond = pairs["x_t"], pairs["t"], pairs["cond"]
     step_ratio = pipe.num_train_timesteps // cfg.steps
     # Deliberate difference from the official code, same math: winner and loser share x_t, t and the prompt,
     # so one policy forward and one reference forward serve both (the official code runs four).
-    eps = predict_noise(unet, x_t, t, cond, uncond, cfg.cfg)
+    eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
     # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
-    with torch.no_grad(), lora_disabled(unet):
-        eps_ref = predict_noise(unet, x_t, t, cond, uncond, cfg.cfg)
+    with torch.no_grad(), lora_disabled(reference):
+        eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
     _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     lp = lambda child, m: ddim_log_prob(child, m, std)
@@ -285,10 +291,10 @@ def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
 # Run: setup, the epoch loop, checkpoints.
 
 
-def batch_generator(cfg, device, epoch, batch):
-    """Every prompt batch draws from its own generator, seeded by (seed, epoch, batch): a resumed run draws
-    exactly what an uninterrupted one would, without saving any RNG state."""
-    return torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + batch)
+def derived_seed(cfg, *parts):
+    """A seed for one purpose, e.g. ("sample", epoch, batch, rank). Every prompt batch draws from its own
+    generators, so a resumed run draws exactly what an uninterrupted one would, without saving RNG state."""
+    return int.from_bytes(hashlib.sha256(repr((cfg.seed, *parts)).encode()).digest()[:8], "little") >> 1
 
 
 def make_score_fn(scorer, prompts, k):
@@ -312,6 +318,55 @@ def save_validation_grid(pipe, unet, cfg, path):
             z = torch.randn((1, unet.config.in_channels, size, size), generator=gen, device=cond.device)
             images.append(pipe.decode(ddim_sample(pipe, unet, cond, uncond, z, cfg.steps, cfg.cfg)))
     save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
+
+
+# Several GPUs (torchrun): each rank samples its own share of the prompts with its own noise, then all ranks
+# pool their kept pairs and train on equal shares of them, so every rank runs the same optimizer steps.
+
+
+def setup_distributed():
+    """(rank, world size); a process group only under torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_prompts(order, rank, world):
+    """This rank's prompts for the epoch: the order padded to a multiple of the world size by repeating its
+    start (as DistributedSampler does), then every world-th one, so all ranks get equally many."""
+    order = order + order[:(-len(order)) % world]
+    return order[rank::world]
+
+
+def all_gather_rows(v):
+    """Every rank's rows of v, concatenated in rank order. Row counts differ per rank: exchange the counts,
+    pad to the largest, all_gather, unpad."""
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=v.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(v)], device=v.device))
+    counts = [int(c) for c in counts]
+    padded = torch.cat([v, v.new_zeros((max(counts) - len(v), *v.shape[1:]))])  # (largest count, ...)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+def exchange_pairs(pairs, world):
+    """Every rank's kept pairs (and scores) to every rank, in rank order."""
+    return pairs if world == 1 else {key: all_gather_rows(v) for key, v in pairs.items()}
+
+
+def all_ranks_mean(value, world, op="mean"):
+    """A Python float averaged (or summed) over ranks: the metrics rank 0 writes speak for the whole run."""
+    if world == 1:
+        return value
+    t = torch.tensor([float(value)], device="cuda" if dist.get_backend() == "nccl" else "cpu", dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / (world if op == "mean" else 1)
 
 
 # Checkpoints are named by the position of the next work to do: (epoch, batch, first pair of the batch to train).
@@ -382,34 +437,40 @@ class TrainingAborted(Exception):
     """Too many non-finite steps in a row: the run stops, keeping its last good checkpoint."""
 
 
-def optimizer_step(pipe, unet, mb, uncond, params, optimizer, scaler, autocast, cfg):
-    """One SPO update on a micro-batch of pairs. A non-finite loss or gradient skips the update (fp16
-    GradScaler semantics, for every precision) and says why in the returned metrics record."""
-    with autocast:
-        logps = pair_log_probs(pipe, unet, mb, uncond, cfg)
-    loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
-    record = dict(loss=loss.item(), ratio_win=ratio_w.mean().item(), ratio_lose=ratio_l.mean().item(), pairs=len(mb["t"]))
-    if not math.isfinite(record["loss"]):
-        return {**record, "skipped": "non-finite loss"}
-    scaler.scale(loss).backward()
+def optimizer_step(pipe, policy, reference, micro_batches, uncond_1, params, optimizer, scaler, autocast, cfg, world):
+    """One SPO update from a group of micro-batches of pairs (gradient accumulation): gradients are all-reduced
+    only on the last one. A non-finite loss or gradient skips the update on every rank alike (fp16 GradScaler
+    semantics, for every precision): the backward still runs, so DDP's collectives stay in step."""
+    records = []
+    for i, mb in enumerate(micro_batches):
+        sync = world == 1 or i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else policy.no_sync():
+            with autocast:
+                logps = pair_log_probs(pipe, policy, reference, mb, uncond_1.expand_as(mb["cond"]), cfg)
+            loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
+            scaler.scale(loss / len(micro_batches)).backward()
+        records.append((loss.item(), ratio_w.mean().item(), ratio_l.mean().item()))
     scaler.unscale_(optimizer)
-    record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-    if math.isfinite(record["grad_norm"]):
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+    loss, ratio_w, ratio_l = (all_ranks_mean(sum(r[j] for r in records) / len(records), world) for j in range(3))
+    record = dict(loss=loss, ratio_win=ratio_w, ratio_lose=ratio_l, grad_norm=grad_norm,
+                  pairs=int(all_ranks_mean(sum(len(mb["t"]) for mb in micro_batches), world, op="sum")))
+    if math.isfinite(grad_norm):  # the norm of the all-reduced gradients: the same on every rank
         scaler.step(optimizer)
     else:
-        record["skipped"] = "non-finite gradient"
+        record["skipped"] = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return record
 
 
-def train(cfg, scorer=None):
-    """The whole run. `scorer` replaces the preference model (tests use a rule-based one). Returns the pipeline,
-    or None when a signal stopped the run."""
-    out = Path(cfg.out)
+def train(cfg, scorer=None, rank=0, world=1):
+    """The whole run, on one rank of `world`. `scorer` replaces the preference model (tests use a rule-based one).
+    Returns the pipeline, or None when a signal stopped the run. Only rank 0 writes files."""
+    out, main_rank = Path(cfg.out), rank == 0
     prompts = load_prompts(cfg)
     prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    device = torch.device(cfg.device)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg.device == "cuda" and world > 1 else cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -419,20 +480,27 @@ def train(cfg, scorer=None):
     # Models: frozen weights in `dtype`, LoRA parameters in fp32.
     pipe = Pipeline(cfg.pretrained, device, dtype)
     too_long = sum(len(ids) > pipe.tokenizer.model_max_length for ids in pipe.tokenizer(prompts).input_ids)
-    if too_long:
+    if too_long and main_rank:
         print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens and get truncated")
-    torch.manual_seed(cfg.seed)  # the LoRA init
+    torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
         load_lora(pipe.unet, cfg.init_lora)
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
-    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet  # pipe.unet stays the uncompiled handle
+    # pipe.unet stays the uncompiled handle (saving, LoRA switching). Sampling and the reference need no
+    # gradient sync; the policy forward of training goes through DDP, which all-reduces only the LoRA gradients.
+    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    policy = unet
+    if world > 1:
+        ddp = DistributedDataParallel(pipe.unet, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+        policy = torch.compile(ddp) if cfg.compile else ddp
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
                                              cfg.preference_checkpoint, device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
 
-    # The run folder: a fresh one, or resume from the newest checkpoint.
+    # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).
     position, global_step, pending = (0, 0, 0), 0, None
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
@@ -442,81 +510,102 @@ def train(cfg, scorer=None):
         ckpts = checkpoint_dirs(out)
         if ckpts:
             progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device)
-            if progress["prompts_sha256"] != prompts_sha:
-                raise UserError(f"--resume: the prompts differ from those of the run in {out}")
+            if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
+                raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
             position, global_step = tuple(progress["position"]), progress["global_step"]
-            print(f"resuming {out} from {ckpts[-1].name} (step {global_step})")
-    else:
+            if main_rank:
+                print(f"resuming {out} from {ckpts[-1].name} (step {global_step})")
+    elif main_rank:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
-        lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
-        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+    if main_rank:
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
+        if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
+            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
+            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
 
     uncond_1 = pipe.encode_prompts([""])  # (1, L, D): the empty-prompt negative
-    b = cfg.sample_batch_size
-    n_batches = math.ceil(len(prompts) / b)
+    b, tb = cfg.sample_batch_size, cfg.train_batch_size
+    n_batches = math.ceil(len(rank_prompts(list(range(len(prompts))), 0, world)) / b)
     unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
-    print(f"{len(prompts)} prompts, {n_batches} batches of {b} per epoch, {cfg.epochs} epochs\n"
-          f"per prompt: {unet_calls} sampling UNet calls (CFG-batched), {cfg.k * (cfg.steps - cfg.divert_start_step)}"
-          f" VAE decodes and preference scores, at most {cfg.steps - cfg.divert_start_step} pairs")
+    if main_rank:
+        print(f"{len(prompts)} prompts; per epoch {n_batches} batches of {b} prompts on each of {world} ranks; "
+              f"{cfg.epochs} epochs\nper prompt: {unet_calls} sampling UNet calls (CFG-batched), "
+              f"{cfg.k * (cfg.steps - cfg.divert_start_step)} VAE decodes and preference scores, at most "
+              f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")
 
     def checkpoint(position, pending=None):
-        progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha)
-        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep)
+        progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha, world_size=world)
+        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep) if main_rank else None
+
+    def stop_requested(stop):  # a signal to any rank stops all of them at the same step
+        return bool(all_ranks_mean(float(stop.signum is not None), world, op="sum"))
+
+    def stopped(stop, folder):
+        if main_rank:
+            print(f"stopped by a signal: checkpoint {folder}; continue with the same command plus --resume")
 
     bad_steps = 0
     with StopSignal() as stop:
-        for epoch in tqdm(range(position[0], cfg.epochs), desc="epoch", initial=position[0], total=cfg.epochs):
-            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for epoch in tqdm(range(position[0], cfg.epochs), desc="epoch", initial=position[0], total=cfg.epochs,
+                          disable=not main_rank):
+            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derived_seed(cfg, "order", epoch)))
+            my_prompts = [prompts[i] for i in rank_prompts(order.tolist(), rank, world)]
             first_batch = position[1] if epoch == position[0] else 0
-            for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches, leave=False):
+            for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches,
+                              leave=False, disable=not main_rank):
                 if pending is not None:  # resuming in the middle of this batch
-                    pairs = {key: pending[key] for key in ("x_t", "t", "win", "lose", "cond")}
-                    scores, perm, start, pending = pending["scores"], pending["perm"], position[2], None
+                    pairs = {key: pending[key] for key in ("x_t", "t", "win", "lose", "cond", "scores")}
+                    perm, start, pending = pending["perm"], position[2], None
                 else:
                     ######## SAMPLING ########
-                    batch_prompts = [prompts[i] for i in order[batch * b:(batch + 1) * b]]
-                    gen = batch_generator(cfg, device, epoch, batch)
+                    batch_prompts = my_prompts[batch * b:(batch + 1) * b]
+                    gen = torch.Generator(device).manual_seed(derived_seed(cfg, "sample", epoch, batch, rank))
                     cond = pipe.encode_prompts(batch_prompts)
                     with autocast:
                         pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond_1.expand_as(cond),
                                                               make_score_fn(scorer, batch_prompts, cfg.k), cfg, gen)
-                    perm, start = torch.randperm(len(pairs["t"]), generator=gen, device=device), 0  # shuffle the pairs
+                    pairs = exchange_pairs({**pairs, "scores": scores}, world)  # scores ride along for the metrics
+                    # One shuffle of the pooled pairs, the same on every rank.
+                    shuffle = torch.Generator().manual_seed(derived_seed(cfg, "shuffle", epoch, batch))
+                    perm, start = torch.randperm(len(pairs["t"]), generator=shuffle).to(device), 0
                 ######## TRAINING ########
-                for start in range(start, len(perm), cfg.train_batch_size):  # the last, partial batch is kept
-                    if stop.signum:
-                        folder = checkpoint((epoch, batch, start), {**pairs, "scores": scores, "perm": perm})
-                        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint {folder}; continue with the "
-                              f"same command plus --resume")
+                share = len(perm) // world  # equal shares (the remainder is dropped), so DDP never waits in vain
+                mine = perm[rank * share:(rank + 1) * share]
+                for start in range(start, share, tb * cfg.grad_accum):  # the last, partial group is kept
+                    if stop_requested(stop):
+                        stopped(stop, checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
                         return None
-                    mb = {key: v[perm[start:start + cfg.train_batch_size]] for key, v in pairs.items()}
-                    record = optimizer_step(pipe, unet, mb, uncond_1.expand_as(mb["cond"]), lora_params, optimizer, scaler,
-                                            autocast, cfg)
+                    group = mine[start:start + tb * cfg.grad_accum]
+                    micro = [{k: pairs[k][idx] for k in ("x_t", "t", "win", "lose", "cond")} for idx in group.split(tb)]
+                    record = optimizer_step(pipe, policy, unet, micro, uncond_1, lora_params, optimizer, scaler,
+                                            autocast, cfg, world)
                     global_step += 1
                     record = dict(step=global_step, epoch=epoch, batch=batch, **record, pairs_kept=len(perm),
-                                  score_mean=scores.mean().item(), score_std=scores.std().item())
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                                  score_mean=pairs["scores"].mean().item(), score_std=pairs["scores"].std().item())
+                    if main_rank:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
                     bad_steps = bad_steps + 1 if "skipped" in record else 0
-                    if bad_steps:
+                    if bad_steps and main_rank:
                         tqdm.write(f"step {global_step}: {record['skipped']}, update skipped ({bad_steps} in a row)")
                     if bad_steps >= cfg.max_bad_steps:
                         raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {global_step}); "
                                               f"the last good checkpoint is kept in {out / 'checkpoints'}")
-                if stop.signum or (cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches):
-                    folder = checkpoint((epoch, batch + 1, 0))
-                    if stop.signum:
-                        print(f"stopped by {signal.Signals(stop.signum).name}: checkpoint {folder}; continue with the "
-                              f"same command plus --resume")
-                        return None
+                at_save_point = cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches
+                if stop_requested(stop):
+                    stopped(stop, checkpoint((epoch, batch + 1, 0)))
+                    return None
+                if at_save_point:
+                    checkpoint((epoch, batch + 1, 0))
             checkpoint((epoch + 1, 0, 0))
-            save_validation_grid(pipe, pipe.unet, cfg, out / "samples" / f"epoch-{epoch}.png")
-    save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
-    print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
+            if main_rank:
+                save_validation_grid(pipe, pipe.unet, cfg, out / "samples" / f"epoch-{epoch}.png")
+    if main_rank:
+        save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
+        print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
     return pipe
 
 
@@ -524,18 +613,25 @@ def train(cfg, scorer=None):
 RESUMABLE_SETTINGS = ("model", "pretrained", "init_lora", "preference", "preference_model", "preference_processor",
                       "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
                       "threshold", "beta", "eps", "lr", "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size",
-                      "train_batch_size", "max_grad_norm", "precision")
+                      "train_batch_size", "grad_accum", "max_grad_norm", "precision")
 
 
 def main(argv=None):
+    rank, world = setup_distributed()
     try:
-        train(parse_args(argv))
+        cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
+        if world > 1:
+            dist.barrier()
+        train(cfg, rank=rank, world=world)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -442,7 +442,7 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
         pairs = dict(x_t=x_t, t=torch.tensor([626, 251, 1]), win=x_t * 0.9 + 0.1 * torch.randn_like(x_t),
                      lose=x_t * 0.9 + 0.1 * torch.randn_like(x_t), cond=torch.randn(n, 16, 32))
         uncond = torch.randn(1, 16, 32).expand(n, -1, -1)
-        loss, _, _ = spo.spo_loss(*spo.pair_log_probs(pipe, unet, pairs, uncond, cfg), 10.0, 0.1)
+        loss, _, _ = spo.spo_loss(*spo.pair_log_probs(pipe, unet, unet, pairs, uncond, cfg), 10.0, 0.1)
         ours = torch.autograd.grad(loss, params)
 
         def log_prob(child, reference):  # the official way: a separate forward for every term
@@ -778,3 +778,102 @@ def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypat
     assert exit_info.value.code == 1 and "3 non-finite steps in a row" in capsys.readouterr().err
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"
+
+
+# ---- several ranks: torchrun with gloo on the CPU ----
+
+DDP_RUN = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {project!r})
+import torch
+import diffusion, spo
+torch.set_num_threads(1)
+rank, world = spo.setup_distributed()
+cfg = spo.parse_args(sys.argv[1:])
+Path(cfg.out + f".pid{{rank}}").write_text(str(os.getpid()))  # so a test can signal one rank
+spo.dist.barrier()
+pipe = spo.train(cfg, rank=rank, world=world)
+if pipe is not None:  # every rank's LoRA, to compare them
+    diffusion.save_lora(pipe.unet, cfg.out + f".rank{{rank}}.safetensors")
+spo.dist.destroy_process_group()
+"""
+
+
+def torchrun(tmp_path, nproc, args, **popen):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN.format(project=str(Path(__file__).resolve().parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **popen)
+
+
+DDP_ARGS = FAST + ["--train-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One uninterrupted two-rank run."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(tmp, 2, DDP_ARGS + ["--out", str(tmp / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    return tmp / "run"
+
+
+def test_two_ranks_train_to_identical_loras(ddp_run):
+    rank0, rank1 = (load_file(f"{ddp_run}.rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "DDP ranks ended with different LoRA weights"
+    metrics = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["pairs"] <= 2 * 2 for m in metrics), "each update takes train-batch-size pairs per rank"
+
+
+def test_world_size_1_equals_the_single_process_run(tmp_path):
+    spo.main(FAST + ["--out", str(tmp_path / "single")])
+    proc = torchrun(tmp_path, 1, FAST + ["--out", str(tmp_path / "world1")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert_same_run(tmp_path / "single", tmp_path / "world1")
+
+
+def test_sigterm_to_one_rank_stops_all_and_resume_under_torchrun_is_exact(ddp_run, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(tmp_path, 2, DDP_ARGS + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 200
+    while not ((out / "metrics.jsonl").exists() and Path(f"{out}.pid1").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(int(Path(f"{out}.pid1").read_text()), signal.SIGTERM)  # rank 1 only
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "--resume" in output and spo.checkpoint_dirs(out), "rank 0 must write the checkpoint and say how to resume"
+    assert not Path(f"{out}.rank0.safetensors").exists(), "the run must have stopped before its end"
+    proc = torchrun(tmp_path, 2, DDP_ARGS + ["--out", str(out), "--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert_same_run(ddp_run, out)
+
+
+EXCHANGE = """
+import sys
+sys.path.insert(0, {project!r})
+import torch, spo
+rank, world = spo.setup_distributed()
+for counts in [(0, 3), (0, 0), (2, 5)]:
+    n = counts[rank]
+    pairs = dict(t=torch.arange(n) + 100 * rank, x_t=torch.full((n, 4, 2, 2), float(rank)))
+    got = spo.exchange_pairs(pairs, world)
+    expected_t = torch.cat([torch.arange(c) + 100 * r for r, c in enumerate(counts)])
+    assert torch.equal(got["t"], expected_t), (rank, counts, got["t"])
+    assert got["x_t"].shape == (sum(counts), 4, 2, 2)
+print("rank", rank, "ok")
+spo.dist.destroy_process_group()
+"""
+
+
+def test_pair_exchange_with_uneven_and_empty_ranks(tmp_path):
+    """Ranks with (0, n) and (0, 0) kept pairs neither hang nor crash; all get every pair in rank order."""
+    script = tmp_path / "exchange.py"
+    script.write_text(EXCHANGE.format(project=str(Path(__file__).resolve().parent)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok") == 2

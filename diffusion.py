@@ -3,15 +3,18 @@
 Model presets and loading, the tiny offline models, hand-rolled LoRA, and the DDIM step with its
 log-probability. Imports run one way: this file imports none of the three scripts.
 """
+import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import time
 import torch
 import torch.nn as nn
 
@@ -53,6 +56,59 @@ class UserError(Exception):
     """A problem with the user's input: the scripts print its message on one line and exit 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def read_prompts(path, flag):
+    """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
+    one prompt a line. Empty prompts are dropped, and said so."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag}: no such file: {path}")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        items = json.loads(text)
+        prompts = [item["caption"] if isinstance(item, dict) else item for item in items]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        if text.lstrip().startswith(("[", "{")):
+            raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects") from None
+        prompts = text.splitlines()
+    kept = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if not kept:
+        raise UserError(f"{flag} {path}: no prompts in the file")
+    if len(kept) < len(prompts):
+        print(f"{flag}: dropped {len(prompts) - len(kept)} empty prompts", file=sys.stderr)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Several GPUs: torchrun starts one process per GPU. spo.py and `preference_model.py train` both use these.
+
+
+def setup_distributed():
+    """(rank, world size); a process group only under torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def all_ranks_mean(value, world, op="mean"):
+    """A Python float averaged (or summed) over ranks: the metrics rank 0 writes speak for the whole run."""
+    if world == 1:
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / (world if op == "mean" else 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The project's cache folder, where the tiny models are built once.
 
@@ -68,13 +124,13 @@ def build_once(name, build):
     so a changed recipe never loads stale files.
     """
     final = cache_dir() / name
-    if final.exists():
-        return final
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         # transformers writes weights only on rank 0 of a process group: rank 0 builds, the others wait for it
         # (a shared cache folder, as on one machine; the tiny models are for tests, not multi-node runs).
         while not final.exists():
             time.sleep(0.2)
+    if final.exists():
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
@@ -166,6 +222,24 @@ def cannot_load(what, name, err, flag):
     return UserError(f"cannot load {what} from '{name}': {reason} (download it and pass a local folder or file with {flag})")
 
 
+def offline_if_hub_unreachable(name):
+    """Without a network huggingface_hub retries every file for minutes before it fails. So when `name` is not a
+    local path and the hub does not answer within 3 s, switch it to offline mode: models in the local HF cache
+    still load, anything else fails at once with a message that names the flag for a local folder."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if name is None or Path(str(name)).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def resolve_file(spec, flag):
     """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
     if spec is None or Path(spec).is_file():
@@ -175,6 +249,7 @@ def resolve_file(spec, flag):
     if looks_local or len(parts) < 3:
         raise UserError(f"{flag}: no such file: {spec}")
     from huggingface_hub import hf_hub_download
+    offline_if_hub_unreachable(spec)
     try:
         return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
     except Exception as err:  # offline, missing, gated: all end the same way
@@ -190,6 +265,7 @@ class Pipeline:
 
         quiet_libraries()
         path = str(tiny_pipeline_path()) if pretrained == "tiny" else pretrained
+        offline_if_hub_unreachable(path)
         parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                  ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]
         for sub, cls in parts:
@@ -325,6 +401,155 @@ def load_lora(unet, path_or_state):
             own[name].copy_(value)
 
 
+# Reading LoRAs made elsewhere, in each layout SPO LoRAs come in: ours and the official one
+# (`unet.<m>.lora.down/up.weight`), PEFT (`<m>.lora_A/lora_B.weight`) and webui/kohya
+# (`lora_unet_<m with dots as underscores>.lora_down/lora_up.weight` and `.alpha`). Whatever the layout, a
+# module's LoRA becomes one entry {module name: (down (r, in), up (out, r), alpha)}: W' = W + alpha/r * up @ down.
+
+LORA_KEY_PARTS = [(".lora.down.weight", "down"), (".lora.up.weight", "up"),  # ours / official
+                  (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT
+                  (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # PEFT, adapter name kept
+                  (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")]  # webui / kohya
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+# Names only SDXL has: its second text encoder, kohya's SDXL (SGM) block names, its added time embedding.
+SDXL_SIGNS = ("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_middle_block_",
+              "lora_unet_output_blocks_", "add_embedding")
+SDXL_CONTEXT_WIDTH = 2048  # SDXL's cross-attention width (SD1.5: 768): the in-features of attn2.to_k/to_v
+
+
+def read_lora_file(path):
+    """A LoRA .safetensors file -> (tensors, declared): `declared` holds what the file says about alpha outside its
+    tensors: diffusers' `lora_adapter_metadata` header (`unet.lora_alpha`, `unet.alpha_pattern`), or for PEFT's
+    adapter_model.safetensors its adapter_config.json. Empty for the official files, which store no alpha."""
+    from safetensors import safe_open
+
+    tensors = load_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    peft_config = Path(path).with_name("adapter_config.json")
+    try:
+        if "lora_adapter_metadata" in header:
+            config = {k.removeprefix("unet."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
+        elif Path(path).name == "adapter_model.safetensors" and peft_config.is_file():
+            config = json.loads(peft_config.read_text())
+        else:
+            config = {}
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: its LoRA settings are not valid JSON ({err})") from None
+    return tensors, {"alpha": config.get("lora_alpha"), "alpha_pattern": config.get("alpha_pattern") or {}}
+
+
+def lora_family_problem(tensors, unet):
+    """A sentence if these are an SDXL LoRA's weights and the UNet is not SDXL's, else None."""
+    if unet.config.cross_attention_dim == SDXL_CONTEXT_WIDTH:
+        return None
+    signs = [k for k in tensors if any(s in k for s in SDXL_SIGNS)]
+    signs += [k for k, v in tensors.items() if v.dim() == 2 and (".attn2.to_k." in k or "_attn2_to_k." in k)
+              and k.endswith(("down.weight", "lora_A.weight")) and v.shape[1] == SDXL_CONTEXT_WIDTH]
+    if not signs:
+        return None
+    return (f"this is an SDXL LoRA (e.g. {signs[0]}), but the model is SD1.5-style (cross-attention width "
+            f"{unet.config.cross_attention_dim}); use it with an SDXL base model")
+
+
+def lora_modules(tensors, declared, unet):
+    """Tensors of any layout -> {module name: (down (r, in), up (out, r), alpha)}, checked against the UNet. Every
+    key must land on one of its Linear layers with fitting shapes; anything else is an error, never a no-op.
+    Webui names are mapped back by looking them up among the UNet's own module names (`to_out_0` could be
+    `to_out.0` or `to_out_0`: only the model knows), never by guessing where the dots were."""
+    family = lora_family_problem(tensors, unet)
+    if family:
+        raise UserError(family)
+    modules = dict(unet.named_modules())
+    by_underscored = {name.replace(".", "_"): name for name in modules}
+    parts, unknown = {}, []
+    for key, value in tensors.items():
+        stem, part = next(((key[:-len(s)], p) for s, p in LORA_KEY_PARTS if key.endswith(s)), (key, None))
+        if stem.startswith("lora_unet_"):
+            name = by_underscored.get(stem.removeprefix("lora_unet_"))
+        else:
+            name = stem.removeprefix("base_model.model.").removeprefix("unet.")
+        if part is None or name not in modules:
+            unknown.append(key)
+        else:
+            parts.setdefault(name, {})[part] = value
+    if unknown:
+        hint = " (text-encoder LoRA weights are not supported: SPO trains the UNet only)" if any(
+            k.startswith(TEXT_ENCODER_PREFIXES) for k in unknown) else ""
+        raise UserError(f"{len(unknown)} LoRA keys match no module of this UNet, e.g. {', '.join(unknown[:3])}{hint}")
+    if not parts:
+        raise UserError("the LoRA file holds no LoRA weights")
+    result = {}
+    for name, p in parts.items():
+        layer = modules[name]
+        if not isinstance(layer, nn.Linear):
+            raise UserError(f"the LoRA targets {name}, a {type(layer).__name__}; only Linear layers are supported")
+        if "down" not in p or "up" not in p:
+            raise UserError(f"the LoRA for {name} has a {'down' if 'down' in p else 'up'} weight but no "
+                            f"{'up' if 'down' in p else 'down'} weight")
+        down, up = p["down"], p["up"]
+        if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or (
+                down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
+            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not "
+                            f"fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
+                            f"down must be (r, {layer.in_features}) and up ({layer.out_features}, r)")
+        rank = down.shape[0]
+        patterns = declared["alpha_pattern"]  # PEFT's per-module alphas, matched on the module path's end
+        pattern = next((a for pat, a in patterns.items() if re.fullmatch(rf"(.*\.)?({pat})", name)), None)
+        alpha = p["alpha"].item() if "alpha" in p else pattern or declared["alpha"] or rank  # default: alpha = r
+        result[name] = (down.float(), up.float(), float(alpha))
+    return result
+
+
+def apply_lora(unet, modules, scale=1.0):
+    """Wrap each module of `modules` (from lora_modules) in a LoRALinear holding its weights, with the branch scaled
+    by scale * alpha / r. Ranks may differ between modules. lora_disabled(unet) switches them all off again."""
+    for name, (down, up, alpha) in modules.items():
+        parent, _, child = name.rpartition(".")
+        rank = down.shape[0]
+        layer = LoRALinear(unet.get_submodule(name), rank, alpha)
+        with torch.no_grad():
+            layer.lora.down.weight.copy_(down)
+            layer.lora.up.weight.copy_(up)
+        layer.scale = scale * alpha / rank
+        setattr(unet.get_submodule(parent), child, layer)
+
+
+@contextlib.contextmanager
+def lora_merged(unet, modules, scale=1.0):
+    """Inside: each module's weight is W + scale * alpha/r * up @ down, formed in fp32 and cast to W's dtype. On exit
+    the original weights come back exactly (a copy of the touched layers is kept, not undone by subtraction)."""
+    originals = {}
+    with torch.no_grad():
+        for name, (down, up, alpha) in modules.items():
+            w = unet.get_submodule(name).weight
+            originals[name] = w.detach().clone()
+            delta = (scale * alpha / down.shape[0]) * (up.to(w.device) @ down.to(w.device))  # (out, r) @ (r, in)
+            w.copy_(w.float() + delta)
+    try:
+        yield unet
+    finally:
+        with torch.no_grad():
+            for name, w in originals.items():
+                unet.get_submodule(name).weight.copy_(w)
+
+
+def save_lora_webui(modules, path):
+    """Write the LoRA in the webui/kohya layout, atomically: `lora_unet_<module, dots as underscores>` with
+    `.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and `.alpha` (a 0-dim tensor), the names kohya's
+    sd-scripts give SD1.x LoRAs. stable-diffusion-webui and diffusers' load_lora_weights both read it."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, (down, up, alpha) in modules.items():
+        stem = "lora_unet_" + name.replace(".", "_")
+        state[stem + ".lora_down.weight"] = down.float().contiguous()
+        state[stem + ".lora_up.weight"] = up.float().contiguous()
+        state[stem + ".alpha"] = torch.tensor(float(alpha))
+    metadata = {"format": "pt", "ss_network_module": "networks.lora"}  # what sd-scripts writes, for webui's UI
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: safetensors everywhere, written atomically, errors reported by path.
 
@@ -444,3 +669,56 @@ def save_grid(images, path, cols):
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % cols) * w, (i // cols) * h))
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def png_text(settings):
+    """Settings -> PNG text chunks, one per setting (PIL writes iTXt where latin-1 cannot hold the text)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    return info
+
+
+def save_png(image, path, settings):
+    """Save a PIL image as PNG with its settings in text chunks (read back: Image.open(path).text), atomically."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_text(settings)))
+
+
+def wrap_text(text, font, width, max_lines=3):
+    """Greedy word wrap to `width` pixels; a caption longer than max_lines ends in '...'."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1] + "..."
+    return lines
+
+
+def captioned_grid(tiles, captions, cols, group=2, min_side=128, gap=8):
+    """PIL tiles (one size, row-major) in groups of `group` side by side, `cols` groups a row `gap` pixels apart,
+    each group with its caption written underneath in PIL's default font. Tiles smaller than min_side are
+    enlarged (nearest neighbour: pixels are repeated, never invented) so that a caption has room."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    factor = max(1, math.ceil(min_side / min(tiles[0].size)))
+    w, h = tiles[0].width * factor, tiles[0].height * factor
+    lines = [wrap_text(caption, font, group * w - 8) for caption in captions]
+    line_h = font.getbbox("Ag")[3] + 2
+    cell_w, cell_h = group * w + gap, h + max(map(len, lines)) * line_h + 6  # a group, then its caption
+    rows = math.ceil(len(captions) / cols)
+    grid = Image.new("RGB", (cols * cell_w - gap, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, tile in enumerate(tiles):
+        g = i // group
+        grid.paste(tile.resize((w, h), Image.NEAREST), ((g % cols) * cell_w + (i % group) * w, (g // cols) * cell_h))
+    for g, caption_lines in enumerate(lines):
+        for k, line in enumerate(caption_lines):
+            draw.text(((g % cols) * cell_w + 4, (g // cols) * cell_h + h + 3 + k * line_h), line, fill="black", font=font)
+    return grid

@@ -12,19 +12,29 @@ load as they are. Look at scores with
     python preference_model.py score --prompt "a red cat" --image a.png --image b.png --timestep 0
     python preference_model.py score --model tiny --prompt "a red cat" --image a.png  # offline
 """
-import argparse
+import contextlib
+import io
+import itertools
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from diffusion import PRESETS, UserError, atomic_write, build_once, cannot_load, quiet_libraries, resolve_file, write_tiny_tokenizer
+from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write, build_once,
+                       cannot_load, ddim_step, offline_if_hub_unreachable, predict_noise, quiet_libraries, resolve_file,
+                       setup_distributed, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
+PREFERENCE_FLAGS = ("--preference-model", "--preference-processor", "--preference-checkpoint")  # in spo/sample
 
 # ----------------------------------------------------------------------------------------------
 # The tiny offline SPM: same code path as the real one, only smaller, built once with no downloads.
@@ -144,32 +154,33 @@ class PickScoreModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base, processor, checkpoint=None, device="cpu", dtype=torch.float32,
-                        flag_prefix="--"):
+                        flags=("--base", "--processor", "--checkpoint")):
         """base: a saved CLIPModel, processor: a saved CLIP processor or tokenizer + preprocessor_config.json
         (hub ids or local folders; "tiny" builds the tiny ones). checkpoint: an official .bin or our
-        .safetensors. flag_prefix names the caller's flags in error messages (spo.py may pass "--spm-")."""
+        .safetensors. flags: the caller's names of base, processor and checkpoint, for error messages."""
         from transformers import AutoTokenizer, CLIPModel
         from transformers.image_processing_base import ImageProcessingMixin
 
         tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
         base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip((base, processor, checkpoint), tiny)]
-        for spec, flag in [(base, "base"), (processor, "processor")]:  # a local path, not a hub id
-            if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
-                raise UserError(f"{flag_prefix}{flag}: no such folder: {spec}")
+        for spec, flag in zip((base, processor), flags):
+            if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():  # local, not a hub id
+                raise UserError(f"{flag}: no such folder: {spec}")
+            offline_if_hub_unreachable(spec)
         try:
             clip = CLIPModel.from_pretrained(base)
         except Exception as err:
-            raise cannot_load("preference model", base, err, f"{flag_prefix}base") from None
+            raise cannot_load("preference model", base, err, flags[0]) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(processor)
             # Only size and mean/std are used, so read the settings rather than build an image processor.
             settings, _ = ImageProcessingMixin.get_image_processor_dict(processor)
         except Exception as err:
-            raise cannot_load("preference model processor", processor, err, f"{flag_prefix}processor") from None
+            raise cannot_load("preference model processor", processor, err, flags[1]) from None
         size = settings["size"]["shortest_edge"] if isinstance(settings["size"], dict) else settings["size"]
         model = cls(clip, tokenizer, size, settings["image_mean"], settings["image_std"])
         if checkpoint is not None:
-            load_checkpoint(model, checkpoint, f"{flag_prefix}checkpoint")
+            load_checkpoint(model, checkpoint, flags[2])
         return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
 
     @property
@@ -228,7 +239,11 @@ class PickScoreModel(nn.Module):
             text_features = self.encode_text(input_ids)
         if text_features.shape[0] not in (1, b):
             raise UserError(f"preference model: {text_features.shape[0]} prompts for {b} images")
-        image_features = self.image_features(self.preprocess(images.to(self.device)), timesteps)
+        return self.score_pixels(self.preprocess(images.to(self.device)), timesteps, text_features)
+
+    def score_pixels(self, pixels, timesteps, text_features):
+        """(b, 3, S, S) CLIP pixels, (b,) timesteps, (b or 1, proj) text features -> (b,) fp32 scores."""
+        image_features = self.image_features(pixels, timesteps)
         # Plain norms, no eps, as the official code; in fp32 whatever the model dtype.
         img = image_features.float() / image_features.float().norm(dim=-1, keepdim=True)
         txt = text_features.float() / text_features.float().norm(dim=-1, keepdim=True)
@@ -259,13 +274,14 @@ class StepAwarePreferenceModel(PickScoreModel):
         return self.model.visual_projection(pooled)
 
 
-def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype=torch.float32, flag_prefix="--"):
+def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype=torch.float32,
+                          flags=("--base", "--processor", "--checkpoint")):
     """The judge for SPO ("spm") or for evaluation and the ablation ("pickscore"); both score(images, ids, t)."""
     classes = {"spm": StepAwarePreferenceModel, "pickscore": PickScoreModel}
     if kind not in classes:
         raise UserError(f"unknown preference model '{kind}' (choose from {', '.join(classes)})")
     return classes[kind].from_pretrained(base, processor, checkpoint, device=device, dtype=dtype,
-                                         flag_prefix=flag_prefix)
+                                         flags=flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +331,412 @@ def save_checkpoint(model, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training data: Pick-a-Pic v1 parquet shards (Kirstain et al. 2023), streamed one row group at a time.
+# A local folder holds DATA/train-*.parquet and DATA/validation_unique-*.parquet (or the hub's DATA/data/...).
+
+SPLITS = {"train": "train", "validation": "validation_unique"}  # the reference's train and valid split names
+COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "num_example_per_prompt")
+
+
+def find_shards(data, split):
+    """The split's parquet files in a local folder, or in a hub dataset (downloaded once into the HF cache)."""
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        if str(data).startswith(("/", ".", "~")) or str(data).count("/") != 1:
+            raise UserError(f"--data: no such folder: {data}")
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(data, repo_type="dataset", allow_patterns=[f"data/{split}-*.parquet"]))
+        except Exception as err:
+            raise cannot_load("dataset", data, err, "--data") from None
+    shards = sorted(folder.glob(f"{split}-*.parquet")) or sorted(folder.glob(f"data/{split}-*.parquet"))
+    if not shards:
+        raise UserError(f"--data {data}: no {split}-*.parquet files (expected {data}/{split}-*.parquet)")
+    return shards
+
+
+def row_groups(shards):
+    """[(file, row group, first row of the group in its file, rows)] from the parquet footers alone."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for path in shards:
+        try:
+            meta = pq.ParquetFile(path)
+        except Exception as err:
+            raise UserError(f"{path}: not a readable parquet file ({str(err).strip().splitlines()[0]})") from None
+        missing = [c for c in COLUMNS if c not in meta.schema_arrow.names]
+        if missing:
+            raise UserError(f"{path}: missing Pick-a-Pic columns {', '.join(missing)}")
+        first = 0
+        for g in range(meta.num_row_groups):
+            rows = meta.metadata.row_group(g).num_rows
+            units.append((path, g, first, rows))
+            first += rows
+    return units
+
+
+def pil_to_tensor(image):
+    """A PIL image -> (3, H, W) float in [-1, 1]."""
+    x = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return x.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def decode_image(value, resolution, where):
+    """JPEG bytes -> (3, R, R) in [-1, 1] as the reference dataset: shortest edge to R (PIL bicubic), then
+    the centre crop."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(value["bytes"] if isinstance(value, dict) else value)).convert("RGB")
+    except Exception as err:
+        raise UserError(f"{where}: not a readable image ({str(err).strip().splitlines()[0]})") from None
+    scale = resolution / min(image.size)
+    w, h = max(resolution, int(image.width * scale)), max(resolution, int(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return pil_to_tensor(image.crop((left, top, left + resolution, top + resolution)))
+
+
+def check_labels(row, where):
+    labels = (row["label_0"], row["label_1"])
+    if any(v not in (0, 0.5, 1) for v in labels):  # None and NaN fail here too
+        raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must each be 0, 0.5 or 1")
+    if row["has_label"] and sum(labels) != 1:
+        raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must sum to 1: (1, 0), (0, 1) or (0.5, 0.5)")
+    if not row["num_example_per_prompt"] or row["num_example_per_prompt"] < 1:
+        raise UserError(f"{where}: num_example_per_prompt must be >= 1, got {row['num_example_per_prompt']}")
+
+
+def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world=1, block=1):
+    """Yield pairs (caption, image_0, image_1, label_0, label_1, n) from the units in order, or, with a seed,
+    forever in a fresh shuffle per epoch. A 190 GB dataset cannot be shuffled globally without random access,
+    so we shuffle the order of row groups and the rows inside each (the reference shuffles all rows).
+    Several ranks share one stream: number the pairs it keeps 0, 1, 2, ... (across epochs); rank r takes the
+    blocks of `block` consecutive pairs whose index is r modulo world, so the ranks' shares are disjoint, cover
+    the stream and never run dry before one another. Every rank reads each row group's bytes but decodes only
+    its own images. `skip` pairs of the stream (all ranks' together) are passed over without decoding them:
+    that is how --resume finds its place."""
+    import pyarrow.parquet as pq
+
+    epoch, position = 0, 0  # position: the stream index of the next pair kept
+    while True:
+        order = list(range(len(units)))
+        if seed is not None:
+            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for u in order:
+            path, group, first, n_rows = units[u]
+            if not labelled_only and position + n_rows <= skip:  # every row is a pair: pass over unread
+                position += n_rows
+                continue
+            columns = pq.ParquetFile(path).read_row_group(group, columns=list(COLUMNS)).to_pydict()
+            rows = range(n_rows)
+            if seed is not None:
+                gen = torch.Generator().manual_seed(seed * 7919 + epoch * 104729 + u)
+                rows = torch.randperm(n_rows, generator=gen).tolist()
+            for i in rows:
+                if labelled_only and not columns["has_label"][i]:
+                    continue  # as the reference, which keeps only labelled pairs outside training
+                position += 1
+                if position - 1 < skip or (position - 1) // block % world != rank:
+                    continue
+                row = {c: columns[c][i] for c in COLUMNS}
+                where = f"{path}, row {first + i}"
+                check_labels(row, where)
+                yield (row["caption"], decode_image(row["jpg_0"], resolution, f"{where}, jpg_0"),
+                       decode_image(row["jpg_1"], resolution, f"{where}, jpg_1"),
+                       float(row["label_0"]), float(row["label_1"]), float(row["num_example_per_prompt"]))
+        epoch += 1
+        if seed is None:
+            return
+
+
+def batches(rows, batch_size, device):
+    """Group pairs into (captions, images_0 (b, 3, R, R), images_1, label_0 (b,), label_1, n) on device."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, batch_size)):
+        captions, im0, im1, l0, l1, n = zip(*chunk)
+        t = lambda v: torch.tensor(v, device=device)
+        yield list(captions), torch.stack(im0).to(device), torch.stack(im1).to(device), t(l0), t(l1), t(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# SPM training (paper section 4.1): both images of a pair are noised to one t with ONE shared noise, denoised
+# in one step to the frozen SD's x0-prediction, and the SPM learns to rank those at t as humans ranked the
+# clean images. Evaluation measures that ranking at fixed t; at t = 0 it scores the clean images.
+
+
+def encode_images(pipe, images, generator):
+    """(n, 3, R, R) in [-1, 1] -> SD latents (n, 4, R/8, R/8): a sample of the VAE posterior, scaled."""
+    posterior = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist
+    return posterior.sample(generator=generator).float() * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def denoised_pair(pipe, images_0, images_1, cond, uncond, t, generator, cfg_scale):
+    """The decoded one-step x0-predictions of both images at t (b,): what SPO's sampler shows the SPM."""
+    latents = encode_images(pipe, torch.cat([images_0, images_1]), generator)  # (2b, c, h, w)
+    noise = torch.randn(latents[:len(t)].shape, generator=generator, device=latents.device).repeat(2, 1, 1, 1)
+    a = pipe.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # the forward process q(x_t | x_0)
+    eps = predict_noise(pipe.unet, x_t, torch.cat([t, t]), cond.repeat(2, 1, 1), uncond.expand(2 * len(t), -1, -1),
+                        cfg_scale)
+    x0 = ddim_step(eps, torch.cat([t, t]), x_t, pipe.alphas_cumprod, 1, 0.0, pipe.prediction_type)[0]
+    return pipe.decode(x0).chunk(2)
+
+
+def training_pixels(model, images):
+    """Images in [-1, 1] -> SPM pixels as the reference SPM training: clamp, bicubic resize straight to S x S
+    (no crop, unlike SPO-time preprocessing), clamp again, normalise."""
+    size = model.image_size
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (x - model.mean) / model.std
+
+
+def pair_scores(model, images_0, images_1, input_ids, t):
+    """(b,) scores of both images against their captions at t, in one SPM image pass."""
+    text_features = model.encode_text(input_ids).repeat(2, 1)
+    pixels = training_pixels(model, torch.cat([images_0, images_1]))
+    return model.score_pixels(pixels, torch.cat([t, t]), text_features).chunk(2)
+
+
+class PairScores(nn.Module):
+    """pair_scores as a forward(): DistributedDataParallel all-reduces gradients only for what runs through one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images_0, images_1, input_ids, t):
+        return pair_scores(self.model, images_0, images_1, input_ids, t)
+
+
+def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
+    """PickScore's loss (Kirstain et al. 2023), as the SPM is trained: cross-entropy of softmax([s_0, s_1])
+    against the human labels, plus log(0.5) on ties so that a perfect tie costs 0 instead of log 2. Each
+    pair is weighted by 1 / (pairs of its prompt), normalised over the batch: busy prompts do not dominate."""
+    log_p = torch.stack([scores_0, scores_1], dim=-1).float().log_softmax(dim=-1)  # (b, 2)
+    loss = -(label_0 * log_p[:, 0] + label_1 * log_p[:, 1]) + (label_0 == label_1) * math.log(0.5)
+    weight = (1 / num_per_prompt) / (1 / num_per_prompt).sum()
+    return (weight * loss).sum()
+
+
+def lr_factor(step, warmup, total):
+    """The reference's DeepSpeed WarmupDecayLR: a *logarithmic* warmup over `warmup` optimizer steps (its
+    default warmup_type), then linear decay to 0 at `total`. Step 0 has lr 0, as there."""
+    if step < warmup:
+        return math.log(step + 1) / math.log(max(2, warmup))
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@torch.no_grad()
+def evaluate(model, pipe, units, args, autocast, rank=0, world=1):
+    """Pairwise accuracy on the labelled validation pairs at each t; a human tie counts half when the model
+    prefers either image (the reference's rule). Noise is seeded by the batch, so the numbers are repeatable.
+    Several ranks split the whole validation set by batches (batch b on rank b mod world, with the noise of
+    batch b) and sum their counts: the same numbers as one process."""
+    device = model.device
+    correct, count = {t: 0.0 for t in args.eval_timesteps}, 0
+    uncond = pipe.encode_prompts([""]) if pipe else None
+    rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size)
+    for k, (captions, im0, im1, l0, l1, _) in enumerate(batches(rows, args.batch_size, device)):
+        b = k * world + rank  # the batch's index in the whole validation set
+        ids = model.tokenize(captions)
+        cond = pipe.encode_prompts(captions) if pipe else None
+        for t in args.eval_timesteps:
+            tt = torch.full((len(captions),), t, device=device)
+            gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b * 1000 + t)
+            x0, x1 = (im0, im1) if t == 0 else denoised_pair(pipe, im0, im1, cond, uncond, tt, gen, args.cfg)
+            with autocast:
+                s0, s1 = pair_scores(model, x0, x1, ids, tt)
+            correct[t] += ((s0 > s1) * l0 + (s0 < s1) * l1).sum().item()
+        count += len(captions)
+    count = int(all_ranks_mean(count, world, op="sum"))
+    correct = {t: all_ranks_mean(c, world, op="sum") for t, c in correct.items()}  # halves and wholes: exact
+    if count == 0:
+        raise UserError("validation: no labelled pairs (has_label) in the validation_unique shards")
+    return {t: c / count for t, c in correct.items()}, count
+
+
+def print_accuracy(accuracy, count, title):
+    print(f"{title}: accuracy on {count} validation pairs\n     t  accuracy")
+    for t, acc in accuracy.items():
+        print(f"{t:6d}  {acc:8.3f}")
+
+
+def precision_setup(args, world=1):
+    """Frozen SD weights in the run's dtype; SPM weights stay fp32 under autocast (nanoGPT style). Under torchrun
+    each rank takes the GPU of its LOCAL_RANK."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    return device, dtype, autocast
+
+
+def save_training_checkpoint(out, model, optimizer, scaler, progress):
+    """checkpoints/step-N/: the SPM (official key layout), AdamW and GradScaler state, progress. Written under a
+    temporary name and renamed; only the newest is kept, as CLIP-H weights plus AdamW state take ~12 GB."""
+    final = out / "checkpoints" / f"step-{progress['step']}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint(model, tmp / "spm.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in (out / "checkpoints").glob("step-*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def train_command(args, rank=0, world=1):
+    """Train on one rank of `world` (torchrun): each rank reads its own share of the pairs (read_rows), the
+    gradients are averaged over ranks (DDP) on the last micro-batch of each accumulation group, every rank runs
+    the same optimizer steps, and only rank 0 writes files."""
+    out, main_rank = Path(args.out), rank == 0
+    train_units = row_groups(find_shards(args.data, SPLITS["train"]))
+    valid_units = row_groups(find_shards(args.data, SPLITS["validation"]))
+    if sum(u[3] for u in train_units) == 0:
+        raise UserError(f"--data {args.data}: the train shards hold no rows")
+    device, dtype, autocast = precision_setup(args, world)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps", "eval_every", "device")}
+    if args.resume:
+        saved = json.loads((out / "config.json").read_text())
+        changed = [k for k in settings if saved.get(k) != settings[k]]
+        if changed:
+            raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
+
+    # Models: the frozen SD that makes the noisy x0-predictions, and the SPM, all of whose weights train.
+    pipe = Pipeline(args.pretrained, device, dtype)
+    model = StepAwarePreferenceModel.from_pretrained(args.base, args.processor, args.init_checkpoint)
+    if args.init_checkpoint is None:  # again, from our seed: loading the CLIP may draw from the global RNG
+        torch.manual_seed(args.seed)
+        init_time_conditioning(model.model)
+    model = model.to(device).requires_grad_(True).train()
+    params = list(model.parameters())
+    # One parameter group, weight decay on everything (logit scale included), as the reference's DeepSpeed AdamW.
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step, micro = 0, 0  # optimizer steps, micro-batches consumed (by each rank)
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+    if args.resume and ckpts:  # every rank loads the same newest checkpoint
+        progress = json.loads((ckpts[-1] / "progress.json").read_text())
+        if progress.get("world_size", 1) != world:
+            raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
+        load_checkpoint(model, ckpts[-1] / "spm.safetensors")
+        state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, micro = progress["step"], progress["micro"]
+        if main_rank:
+            print(f"resuming {out} at step {step}")
+    metrics_path = out / "metrics.jsonl"
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
+        if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
+            lines = [l for l in metrics_path.read_text().splitlines() if 0 < json.loads(l)["step"] <= step or
+                     (step > 0 and json.loads(l)["step"] == 0)]
+            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+    # Several ranks: DDP over all the SPM's weights; it starts every rank from rank 0's (they are equal anyway).
+    scorer = PairScores(model)
+    if world > 1:
+        scorer = DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None,
+                                         broadcast_buffers=False)
+
+    def log(record):
+        if main_rank:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_and_log():  # every rank evaluates its share of the validation batches
+        model.eval()
+        accuracy, count = evaluate(model, pipe, valid_units, args, autocast, rank, world)
+        model.train()
+        if main_rank:
+            print_accuracy(accuracy, count, f"step {step}")
+        log(dict(step=step, accuracy={str(t): a for t, a in accuracy.items()}, pairs=count))
+
+    if main_rank:
+        print(f"{sum(u[3] for u in train_units)} training pairs; {args.batch_size} pairs x {args.grad_accum} "
+              f"accumulation x {world} {'rank' if world == 1 else 'ranks'} = "
+              f"{args.batch_size * args.grad_accum * world} pairs per update; steps {step}..{args.max_steps}")
+    uncond = pipe.encode_prompts([""])  # (1, L, D): the empty negative prompt of CFG
+    # Each rank's share of one endless shuffled stream (epochs repeat): no rank ever runs out before another.
+    rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
+                     rank=rank, world=world)
+    data = batches(rows, args.batch_size, device)
+    if step == 0:
+        evaluate_and_log()  # the starting point, as the reference's eval_on_start
+    progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
+    while step < args.max_steps:
+        lr = args.lr * lr_factor(step, args.warmup_steps, args.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for i in range(args.grad_accum):
+            captions, im0, im1, l0, l1, n = next(data)
+            # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
+            gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + micro * world + rank)
+            t = torch.randint(0, pipe.num_train_timesteps, (len(captions),), generator=gen, device=device)
+            x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions), uncond, t, gen, args.cfg)
+            sync = world == 1 or i == args.grad_accum - 1  # all-reduce the gradients on the last micro-batch only
+            with contextlib.nullcontext() if sync else scorer.no_sync():
+                with autocast:
+                    s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
+                loss = preference_loss(s0, s1, l0, l1, n) / args.grad_accum  # the mean over micro-batches
+                scaler.scale(loss).backward()
+            total += loss.item()
+            micro += 1
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # of the averaged gradients
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress_bar.update()
+        log(dict(step=step, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm.item()))
+        if step % args.eval_every == 0 or step == args.max_steps:
+            evaluate_and_log()
+            if main_rank:
+                save_training_checkpoint(out, model, optimizer, scaler,
+                                         {"step": step, "micro": micro, "world_size": world})
+    progress_bar.close()
+    if main_rank:
+        save_checkpoint(model, out / "spm.safetensors")
+        print(f"SPM written to {out / 'spm.safetensors'} (use it with spo.py --preference-checkpoint)")
+    return model
+
+
+def eval_command(args, rank=0, world=1):
+    units = row_groups(find_shards(args.data, SPLITS["validation"]))
+    device, dtype, autocast = precision_setup(args, world)
+    pipe = Pipeline(args.pretrained, device, dtype) if any(t > 0 for t in args.eval_timesteps) else None
+    model = load_preference_model(args.kind, args.base, args.processor, args.checkpoint, device=device)
+    accuracy, count = evaluate(model, pipe, units, args, autocast, rank, world)
+    if rank == 0:
+        print_accuracy(accuracy, count, args.checkpoint or args.kind)
+    return accuracy
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line.
+
+# SPM training defaults: the reference's SD1.5 run (its configs and DeepSpeed settings). It used 4 GPUs with
+# batch 16 and 16 accumulation steps each (1024 pairs per update). Both are per GPU here as there: one GPU
+# needs --grad-accum 64 for the same 1024.
+TRAIN_DEFAULTS = {
+    "sd15": dict(max_steps=8000, eval_every=1000, batch_size=16, grad_accum=16, lr=3e-6, weight_decay=0.3,
+                 warmup_steps=500),
+    "tiny": dict(max_steps=60, eval_every=30, batch_size=16, grad_accum=1, lr=1e-3, weight_decay=0.0,
+                 warmup_steps=5),  # a demonstration, as spo.py --model tiny
+}
+EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
 
 
 def load_image(path):
@@ -325,11 +746,11 @@ def load_image(path):
     if not Path(path).is_file():
         raise UserError(f"--image: no such file: {path}")
     try:
-        image = Image.open(path).convert("RGB")
+        image = Image.open(path)
+        image.load()
     except Exception as err:
         raise UserError(f"--image: cannot read {path}: {str(err).strip().splitlines()[0]}") from None
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
-    return x.permute(2, 0, 1)[None].float() / 127.5 - 1
+    return pil_to_tensor(image)[None]
 
 
 def score_command(args):
@@ -344,8 +765,47 @@ def score_command(args):
             print(f"{score.item():.4f}\t{path}")
 
 
+def fill_defaults(args):
+    """Flags, then the --model preset: the first that gives a value wins. Returns the problems found without
+    loading any model, so a typo costs a second and writes nothing."""
+    preset = PRESETS[args.model]
+    for key, value in dict(pretrained=preset["pretrained"], resolution=preset["resolution"],
+                           base=preset["spm_base"], processor=preset["spm_processor"],
+                           **TRAIN_DEFAULTS[args.model] if args.command == "train" else {}).items():
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, value)
+    if args.command == "eval" and args.checkpoint is None and args.kind == "spm":
+        args.checkpoint = preset["spm_checkpoint"]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    positive = ["batch_size"] + (["max_steps", "eval_every", "grad_accum", "lr", "max_grad_norm"]
+                                 if args.command == "train" else [])
+    flag = lambda k: "--" + k.replace("_", "-")
+    problems = [f"{flag(k)} must be > 0, got {getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
+    problems += [f"--eval-timesteps must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {t}"
+                 for t in args.eval_timesteps if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        problems.append(f"--device must be cpu or cuda[:N], got {args.device}")
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append("--device cuda but no CUDA device is available")
+    if args.command == "train":
+        problems += [f"{flag(k)} must be >= 0, got {getattr(args, k)}"
+                     for k in ("weight_decay", "warmup_steps") if getattr(args, k) < 0]
+        out = Path(args.out)
+        if args.resume and not (out / "config.json").is_file():
+            problems.append(f"--resume: {out} holds no run to resume (no config.json)")
+        if not args.resume and out.exists() and any(out.iterdir()):
+            problems.append(f"--out {out} already holds files: pass --resume to continue that run")
+    if problems:
+        raise UserError("; ".join(problems))
+    try:
+        import pyarrow  # noqa: F401 -- the optional extra, needed only by train and eval
+    except ImportError:
+        raise UserError(f"'{args.command}' reads parquet shards with pyarrow: pip install pyarrow") from None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="print one preference score per image")
     score.add_argument("--prompt", required=True)
@@ -357,13 +817,57 @@ def main(argv=None):
     score.add_argument("--processor", help="tokenizer + image settings: hub id or folder (default: the preset's)")
     score.add_argument("--checkpoint", help="SPM weights: .bin/.safetensors file or owner/repo/filename")
     score.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    train = commands.add_parser("train", help="train an SPM on Pick-a-Pic-format preference pairs")
+    evaluate = commands.add_parser("eval", help="print an SPM's validation accuracy at each t")
+    for p in (train, evaluate):
+        p.add_argument("--data", required=True, help="folder of train-*/validation_unique-*.parquet, or a hub id")
+        p.add_argument("--model", choices=list(PRESETS), default="sd15", help="preset that supplies the defaults")
+        p.add_argument("--pretrained", help="SD model for the noisy x0-predictions: hub id or folder")
+        p.add_argument("--base", help="the SPM's CLIP (default: the preset's PickScore)")
+        p.add_argument("--processor", help="the SPM's tokenizer + image settings (default: the preset's)")
+        p.add_argument("--resolution", type=int, help="SD resolution the images are resized to (default: preset)")
+        p.add_argument("--batch-size", type=int, help="pairs per forward, per GPU (default: 16)")
+        p.add_argument("--cfg", type=float, default=5.0, help="CFG scale of the x0-prediction (empty negative)")
+        p.add_argument("--eval-timesteps", type=int, nargs="+", default=list(EVAL_TIMESTEPS))
+        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--device", help="default: cuda if available")
+        p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    evaluate.set_defaults(batch_size=16)
+    evaluate.add_argument("--kind", choices=["spm", "pickscore"], default="spm", help="SPM or plain PickScore")
+    evaluate.add_argument("--checkpoint", help="SPM weights (default: the preset's released SPM)")
+    train.add_argument("--out", required=True, help="run folder: spm.safetensors, metrics.jsonl, checkpoints/")
+    train.add_argument("--init-checkpoint", help="start from these SPM weights (default: PickScore + identity init)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (default: 8000)")
+    train.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps (default: 1000)")
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU (default: 16; "
+                       "pairs per update = batch size x this x GPUs)")
+    train.add_argument("--lr", type=float, help="AdamW peak learning rate (default: 3e-6)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.3)")
+    train.add_argument("--warmup-steps", type=int, help="log-rate warmup steps, then linear decay (default: 500)")
+    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     args = parser.parse_args(argv)
     quiet_libraries()  # stderr keeps to one line per error
+    if args.command == "score":
+        try:
+            score_command(args)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    rank, world = setup_distributed()  # under torchrun: one process per GPU
     try:
-        score_command(args)
+        fill_defaults(args)  # every rank checks the same flags before any rank writes anything
+        if world > 1:
+            dist.barrier()
+        train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

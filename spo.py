@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, Pipeline, UserError, atomic_write, ddim_log_prob, ddim_sample, ddim_step,
-                       ddim_timesteps, inject_lora, load_lora, load_safetensors, lora_disabled, predict_noise, save_grid,
-                       save_lora)
-from preference_model import load_preference_model
+from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write, ddim_log_prob,
+                       ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora, load_safetensors, lora_disabled,
+                       predict_noise, read_prompts, save_grid, save_lora, setup_distributed)
+from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
 # Defaults: the paper's SD1.5 settings (the official configs/basic_config.py with k = 4).
@@ -92,7 +92,7 @@ CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precisio
 
 def parse_args(argv=None):
     """Flags, then the --model preset, then the Config defaults: the first that gives a value wins."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         default = f.default
         kw = dict(default=None, help=f"default: {default}" if default is not None else "default: from --model")
@@ -163,22 +163,7 @@ def validate(cfg):
 
 
 def load_prompts(cfg):
-    if cfg.prompts is None:
-        return list(TINY_PROMPTS)
-    text = Path(cfg.prompts).read_text(encoding="utf-8")
-    try:
-        items = json.loads(text)
-        prompts = [item["caption"] if isinstance(item, dict) else item for item in items]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        if text.lstrip().startswith(("[", "{")):
-            raise UserError(f"--prompts {cfg.prompts}: JSON but not a list of strings or of {{\"caption\": ...}} objects") from None
-        prompts = text.splitlines()
-    kept = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-    if len(kept) < len(prompts):
-        print(f"--prompts: dropped {len(prompts) - len(kept)} empty prompts")
-    if not kept:
-        raise UserError(f"--prompts {cfg.prompts}: no prompts in the file")
-    return kept
+    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +199,7 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
 
     x = randn(b, unet.config.in_channels, size, size)
     parent, kept, all_scores = x, [], []
+    children = t_parent = None  # the pool (k, b, c, h, w) and its parent's timestep, from the divert step on
 
     def judge(children, images, t_children, t_parent):
         # Score the pool, keep (parent, winner, loser) where the preference is clear. The pair is labelled
@@ -324,17 +310,6 @@ def save_validation_grid(pipe, unet, cfg, path):
 # pool their kept pairs and train on equal shares of them, so every rank runs the same optimizer steps.
 
 
-def setup_distributed():
-    """(rank, world size); a process group only under torchrun (NCCL on CUDA, gloo on CPU)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def rank_prompts(order, rank, world):
     """This rank's prompts for the epoch: the order padded to a multiple of the world size by repeating its
     start (as DistributedSampler does), then every world-th one, so all ranks get equally many."""
@@ -358,15 +333,6 @@ def all_gather_rows(v):
 def exchange_pairs(pairs, world):
     """Every rank's kept pairs (and scores) to every rank, in rank order."""
     return pairs if world == 1 else {key: all_gather_rows(v) for key, v in pairs.items()}
-
-
-def all_ranks_mean(value, world, op="mean"):
-    """A Python float averaged (or summed) over ranks: the metrics rank 0 writes speak for the whole run."""
-    if world == 1:
-        return value
-    t = torch.tensor([float(value)], device="cuda" if dist.get_backend() == "nccl" else "cpu", dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / (world if op == "mean" else 1)
 
 
 # Checkpoints are named by the position of the next work to do: (epoch, batch, first pair of the batch to train).
@@ -497,7 +463,8 @@ def train(cfg, scorer=None, rank=0, world=1):
                                       broadcast_buffers=False)
         policy = torch.compile(ddp) if cfg.compile else ddp
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
-                                             cfg.preference_checkpoint, device=device, dtype=torch.float32)
+                                             cfg.preference_checkpoint, device=device, dtype=torch.float32,
+                                             flags=PREFERENCE_FLAGS)
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
 
     # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).

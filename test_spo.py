@@ -6,10 +6,13 @@ it (../shared/golden, see its README). Everything runs offline on CPU in well un
     python -m pytest -x -q test_spo.py
 """
 import contextlib
+import io
+import itertools
 import json
 import math
 import os
 import random
+import shlex
 import signal
 import shutil
 import subprocess
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusion import UserError
 
@@ -607,7 +610,14 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--init-lora", "/nonexistent/lora.safetensors"], "no such file"),
     (["--resume"], "no run to resume"),
     (["--pretrained", "/nonexistent/sd"], "cannot load"),
-    (["--preference-checkpoint", "/nonexistent/spm.bin"], "no such file"),
+    (["--preference-checkpoint", "/nonexistent/spm.bin"], "--preference-checkpoint: no such file"),
+    (["--preference-model", "/nonexistent/clip"], "--preference-model: no such folder"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--save-every", "-1"], "--save-every and --keep must be >= 0"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be >= 1"),
+    (["--precision", "fp64"], "invalid choice: 'fp64'"),
+    (["--k", "four"], "invalid int value: 'four'"),
+    (["--kk", "3"], "unrecognized arguments: --kk 3"),
 ]
 
 
@@ -877,3 +887,661 @@ def test_pair_exchange_with_uneven_and_empty_ranks(tmp_path):
                              str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok") == 2
+
+
+# ---- sample.py: the sampler against diffusers, LoRA files in every layout, exports, grids, eval ----
+
+import sample  # noqa: E402
+
+PIPELINE = GOLDEN / "pipeline"  # a tiny SD1.5-shaped pipeline whose UNet is lora/unet_base
+# The golden pipeline through the tiny preset, few steps: each run takes about a second.
+GOLDEN_RUN = ["--model", "tiny", "--pretrained", str(PIPELINE), "--height", "16", "--width", "16", "--steps", "3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models(spo_cache):
+    """Built before any test runs, so that no test's stderr holds the one-time 'built ...' line."""
+    D.tiny_pipeline_path()
+    pm.tiny_spm_paths()
+
+
+@pytest.fixture(scope="module")
+def lora_io():
+    return load_file(str(LORA / "lora_io.safetensors"))
+
+
+def base_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(LORA / "unet_base")).eval()
+
+
+def diffusers_pipeline(path=PIPELINE):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_images(pipe, prompts, seeds, steps, cfg, eta=0.0):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, eta=eta, height=16, width=16,
+                generator=generators, output_type="pt").images * 2 - 1
+
+
+# ---- the sampler: sample.py's generate path equals diffusers' pipeline ----
+
+
+@pytest.mark.parametrize("cfg,eta", [(1.0, 0.0), (5.0, 0.0), (5.0, 1.0)])
+def test_generate_equals_diffusers_pipeline_for_the_same_seeds(golden_pipe, cfg, eta):
+    """Same seeds, same noise: diffusers draws each image's latents (and with eta > 0 its step noise) from that
+    image's generator, and so does generate(); with cfg 1 there is no guidance, with 5 it is batched."""
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 4]
+    expected = diffusers_images(diffusers_pipeline(), prompts, seeds, 6, cfg, eta)
+    if eta == 0:
+        ours = sample.generate(golden_pipe, prompts, seeds, 6, cfg, eta, 16, 16)
+    else:  # step noise from each image's own generator: one image per call
+        ours = torch.cat([sample.generate(golden_pipe, [p], [s], 6, cfg, eta, 16, 16) for p, s in zip(prompts, seeds)])
+    diff = (ours.clamp(-1, 1) - expected).abs().max().item()
+    assert diff < 1e-4, f"images differ from diffusers by {diff} at cfg {cfg}, eta {eta}"
+
+
+# ---- LoRA files: every layout, applied or merged ----
+
+
+def test_golden_lora_loads_and_reproduces_the_golden_unet_output(lora_io):
+    unet = base_unet()
+    base = unet_out(unet, lora_io)
+    modules = sample.load_lora_modules(str(LORA), unet)  # the folder: finds pytorch_lora_weights.safetensors
+    assert len(modules) == 32 and {(d.shape[0], a) for d, _, a in modules.values()} == {(4, 4.0)}, (
+        "expected 32 layers of rank 4 with alpha = rank (the official file stores no alpha)")
+    with D.lora_merged(unet, modules):
+        merged = unet_out(unet, lora_io)
+    assert torch.equal(unet_out(unet, lora_io), base), "leaving lora_merged must restore the exact base weights"
+    D.apply_lora(unet, modules)
+    torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4,
+                               msg=lambda m: f"applied golden LoRA differs from the golden output: {m}")
+    torch.testing.assert_close(merged, lora_io["out_lora"], rtol=0, atol=1e-4,
+                               msg=lambda m: f"merged golden LoRA differs from the golden output: {m}")
+
+
+@pytest.mark.parametrize("alpha", [4.0, 8.0])
+def test_webui_export_round_trips_and_diffusers_loads_it_alike(tmp_path, lora_io, alpha):
+    """alpha 8 with rank 4 doubles the branch: diffusers must read the .alpha entries as we write them."""
+    unet = base_unet()
+    modules = {n: (d, u, alpha) for n, (d, u, _) in sample.load_lora_modules(str(LORA), unet).items()}
+    path = tmp_path / "spo_webui.safetensors"
+    D.save_lora_webui(modules, path)
+    keys = load_file(str(path))
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in keys), "webui keys must be lora_unet_<path>.lora_down/lora_up.weight and .alpha"
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in keys
+    back = sample.load_lora_modules(str(path), unet)
+    assert back.keys() == modules.keys(), "webui names did not map back to the same modules"
+    for name, (down, up, a) in modules.items():
+        assert torch.equal(back[name][0], down) and torch.equal(back[name][1], up) and back[name][2] == a, name
+    D.apply_lora(unet, modules)
+    ours = unet_out(unet, lora_io)
+    pipe = diffusers_pipeline()
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    torch.testing.assert_close(unet_out(pipe.unet, lora_io), ours, rtol=0, atol=1e-4,
+                               msg=lambda m: f"diffusers' loader reads our webui file differently: {m}")
+    if alpha == 4.0:
+        torch.testing.assert_close(ours, lora_io["out_lora"], rtol=0, atol=1e-4)
+
+
+def test_alpha_is_read_wherever_the_file_declares_it(tmp_path):
+    """PEFT layout with adapter_config.json, and our save_lora's diffusers metadata header: both give alpha 8."""
+    unet = base_unet()
+    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    peft = {k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+            for k, v in official.items()}
+    peft_keys = json.loads((LORA / "lora_keys.json").read_text())["peft_state_dict_keys_before_conversion"]
+    assert sorted(peft) == sorted(peft_keys), "the PEFT layout here must be PEFT's real key names"
+    (tmp_path / "peft").mkdir()
+    save_file(peft, tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    from_peft = sample.load_lora_modules(str(tmp_path / "peft"), unet)
+    reference = sample.load_lora_modules(str(LORA), unet)
+    assert all(torch.equal(from_peft[n][1], reference[n][1]) and from_peft[n][2] == 8.0 for n in reference)
+    D.inject_lora(unet, 4, 8.0)
+    D.save_lora(unet, tmp_path / "ours.safetensors")
+    assert {a for _, _, a in sample.load_lora_modules(str(tmp_path / "ours.safetensors"), base_unet()).values()} == {8.0}
+
+
+def test_applied_and_merged_lora_give_the_same_image():
+    images = {}
+    for merge in (False, True):
+        pipe = D.Pipeline(str(PIPELINE))
+        modules = sample.load_lora_modules(str(LORA), pipe.unet)
+        lora_on = sample.lora_switch(pipe.unet, modules, 1.5, merge)
+        with lora_on(True):
+            images[merge] = sample.generate(pipe, ["a red cat"], [7], 4, 5.0, 0.0, 16, 16)
+        with lora_on(False):
+            base = sample.generate(pipe, ["a red cat"], [7], 4, 5.0, 0.0, 16, 16)
+    diff = (images[True] - images[False]).abs().max().item()
+    assert diff < 1e-4, f"merged and applied LoRA images differ by {diff}"
+    assert (images[True] - base).abs().max() > 1e-3, "the LoRA at scale 1.5 should change the image"
+
+
+def test_save_merged_folder_loads_in_diffusers_and_renders_like_base_plus_lora(tmp_path, capsys):
+    folder = tmp_path / "merged"
+    sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--save-merged", str(folder)])
+    assert f"merged pipeline written to {folder}" in capsys.readouterr().out
+    theirs = diffusers_images(diffusers_pipeline(folder), ["a red cat"], [5], 4, 5.0)
+    pipe = D.Pipeline(str(PIPELINE))
+    D.apply_lora(pipe.unet, sample.load_lora_modules(str(LORA), pipe.unet))
+    ours = sample.generate(pipe, ["a red cat"], [5], 4, 5.0, 0.0, 16, 16)
+    diff = (ours.clamp(-1, 1) - theirs).abs().max().item()
+    assert diff < 1e-4, f"the merged pipeline renders {diff} away from base + LoRA"
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir()), "temporary folder left behind"
+
+
+# ---- the command line on the tiny model: grid, eval, PNG settings ----
+
+
+def test_compare_writes_pairs_and_a_readable_grid(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "compare"
+    sample.main(["--model", "tiny", "--lora", str(LORA), "--prompt", "a photo of a cat", "--prompt", "a red dog",
+                 "--n", "2", "--steps", "3", "--compare", "--out", str(out)])
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 9 and "000-a-photo-of-a-cat-seed1-base.png" in pngs and "001-a-red-dog-seed0-lora.png" in pngs
+    grid = Image.open(out / "compare.png")
+    grid.load()
+    # 32 px tiles are enlarged 4x so captions fit: 2 seeds a row, each a base | LoRA pair, 8 px between pairs.
+    assert grid.width == 2 * (2 * 128) + 8 and grid.height > 2 * 128, f"unexpected grid size {grid.size}"
+    base = Image.open(out / "000-a-photo-of-a-cat-seed0-base.png").convert("RGB").resize((128, 128), Image.NEAREST)
+    lora = Image.open(out / "000-a-photo-of-a-cat-seed0-lora.png").convert("RGB").resize((128, 128), Image.NEAREST)
+    assert grid.crop((0, 0, 128, 128)).tobytes() == base.tobytes(), "the grid's first tile must be the base image"
+    assert grid.crop((128, 0, 256, 128)).tobytes() == lora.tobytes(), "the grid's second tile must be the LoRA image"
+
+
+def test_eval_reports_win_rate_computed_from_the_scores_it_lists(tmp_path, capsys):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red dog\n")
+    out = tmp_path / "eval"
+    sample.main(["--model", "tiny", "--lora", str(LORA), "--lora-scale", "20", "--eval", str(prompts), "--n", "2",
+                 "--steps", "3", "--out", str(out)])
+    report = json.loads((out / "eval.json").read_text())
+    assert len(report["pairs"]) == 4 and report["settings"]["steps"] == 3
+    for name in ("pickscore", "spm"):
+        base = [p["base"][name] for p in report["pairs"]]
+        lora = [p["lora"][name] for p in report["pairs"]]
+        wins = sum(1.0 if b < l else 0.5 if b == l else 0.0 for b, l in zip(base, lora))
+        m = report["metrics"][name]
+        assert m["lora_win_rate"] == wins / 4 and m["pairs"] == 4, f"{name} win rate is not from the listed scores"
+        assert abs(m["base_mean"] - sum(base) / 4) < 1e-9 and abs(m["lora_mean"] - sum(lora) / 4) < 1e-9
+        lo, hi = m["win_rate_ci95"]
+        assert 0 <= lo <= m["lora_win_rate"] <= hi <= 1, f"{name}: the 95% interval must contain the win rate"
+    assert "LoRA wins" in capsys.readouterr().out
+    grid = Image.open(out / "compare.png")
+    grid.load()
+    assert grid.width == 2 * 256 + 8
+    # The listed scores are the images' own: re-score one saved PNG independently with preference_model.py.
+    # At the tiny processor's size (32) PickScore's resize and crop do nothing, so both preprocessings agree.
+    pair = report["pairs"][0]
+    image = pm.load_image(out / pair["lora_image"])
+    for kind, checkpoint in [("pickscore", None), ("spm", "tiny")]:
+        model = pm.load_preference_model(kind, "tiny", "tiny", checkpoint)
+        with torch.no_grad():
+            score = model.score(image, model.tokenize([pair["prompt"]]), 0).item()
+        assert abs(score - pair["lora"][kind]) < 1e-4, f"{kind} in eval.json differs from scoring the PNG itself"
+
+
+def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
+    from PIL import Image
+
+    first = tmp_path / "first.png"
+    sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--merge", "--prompt", "a red cat", "--seed", "11", "--cfg", "3",
+                              "--negative-prompt", "a dog", "--out", str(first)])
+    text = Image.open(first).text
+    expected = dict(prompt="a red cat", negative_prompt="a dog", seed="11", steps="3", cfg="3.0", eta="0.0",
+                    height="16", width="16", sampler="DDIM", model="tiny", pretrained=str(PIPELINE), lora=str(LORA),
+                    lora_scale="1.0", lora_mode="merged", precision="fp32")
+    assert {k: text.get(k) for k in expected} == expected, "PNG text chunks do not hold the generation settings"
+    command = shlex.split(text["command"])
+    assert command[:2] == ["python", "sample.py"]
+    second = tmp_path / "second.png"
+    sample.main(command[2:] + ["--out", str(second)])
+    assert Image.open(second).tobytes() == Image.open(first).tobytes(), "the PNG's own command made another image"
+
+
+def test_png_text_round_trips_any_text(tmp_path):
+    from PIL import Image
+
+    settings = {"prompt": "une île, 湖 \"quoted\"\nsecond line", "seed": 3, "cfg": 7.5}
+    D.save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", settings)
+    assert Image.open(tmp_path / "a.png").text == {k: str(v) for k, v in settings.items()}
+
+
+# ---- bad input: one line, exit 2, nothing written ----
+
+
+@pytest.fixture(scope="module")
+def bad_loras(tmp_path_factory):
+    """LoRA files that must be refused, each next to the golden UNet they do not fit."""
+    folder = tmp_path_factory.mktemp("bad_loras")
+    good = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight"
+    files = {
+        "unknown": {**good, "unet.nowhere.to_q.lora.down.weight": torch.zeros(4, 32)},
+        "sdxl": {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+                 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4)},
+        "sdxl_diffusers": {**good, key.replace("0.attn1.to_q.lora.up", "1.attn2.to_k.lora.down"): torch.zeros(4, 2048)},
+        "rank": {**good, key: torch.zeros(32, 8)},  # up of rank 8 against down of rank 4
+        "shape": {**good, key.replace(".up.", ".down."): torch.zeros(4, 48)},  # in-features 48 for a 32-wide layer
+        "text_encoder": {**good, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
+    }
+    for name, state in files.items():
+        save_file(state, folder / f"{name}.safetensors")
+    return folder
+
+
+BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line message)
+    (["--lora", "{bad}/unknown.safetensors"], "1 LoRA keys match no module of this UNet, e.g. unet.nowhere"),
+    (["--lora", "{bad}/sdxl.safetensors"], "this is an SDXL LoRA"),
+    (["--lora", "{bad}/sdxl_diffusers.safetensors"], "but the model is SD1.5-style (cross-attention width 32)"),
+    (["--lora", "{bad}/rank.safetensors"], "do not fit its Linear(32 -> 32) with one rank r"),
+    (["--lora", "{bad}/shape.safetensors"], "down (4, 48) and up (32, 4)"),
+    (["--lora", "{bad}/text_encoder.safetensors"], "text-encoder LoRA weights are not supported"),
+    (["--lora", "{bad}/missing.safetensors"], "--lora: no such file or folder"),
+    (["--lora", "{bad}"], "holds no single LoRA file"),
+    (["--height", "30"], "--height must be a positive multiple of 8, got 30"),
+    (["--width", "20"], "--width must be a positive multiple of 8, got 20"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--eta", "-0.5"], "--eta must be >= 0"),
+    (["--prompts", "{bad}/nope.txt"], "--prompts: no such file"),
+    (["--n", "2", "--out", "{out}.png"], "one PNG file but this run writes 2 images"),
+    (["--compare"], "pass --lora"),
+    (["--model", "sdxl"], "invalid choice: 'sdxl'"),
+    (["--steps", "many"], "invalid int value: 'many'"),
+    (["--pretrained", "/nonexistent/sd"], "cannot load"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SAMPLES, ids=[" ".join(f).replace("{bad}/", "") for f, _ in BAD_SAMPLES])
+def test_sample_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, bad_loras, capsys):
+    out = tmp_path / "out"
+    flags = [f.format(bad=bad_loras, out=out) for f in flags]
+    exports = ["--save-merged", str(tmp_path / "merged"), "--export-webui", str(tmp_path / "w.safetensors")]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(out)] + flags + (exports if "--lora" in flags else []))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, f"got {err!r}"
+    assert list(tmp_path.iterdir()) == [], "a refused run must write nothing"
+
+
+def test_no_prompt_is_refused_unless_only_exporting(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(GOLDEN_RUN + ["--out", str(tmp_path / "out")])
+    assert "no prompt" in capsys.readouterr().err
+    sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--export-webui", str(tmp_path / "w.safetensors")])
+    assert (tmp_path / "w.safetensors").is_file() and not (tmp_path / "out").exists()
+
+
+def test_sample_cli_subprocess_reports_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--model", "tiny", "--prompt", "a cat", "--height", "33",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --height must be a positive multiple of 8, got 33"
+
+
+# ---- training the step-aware preference model (preference_model.py train / eval) ----
+# A tiny Pick-a-Pic-format dataset is drawn on the fly: flat-coloured 32 x 32 images with a patch. For prompts
+# about something red the redder image wins, for the others the less red one (near-equal redness is a tie):
+# the rule needs the prompt, and a random SPM, whatever its bias for red, starts near chance. The tiny SD
+# pipeline's random VAE would mangle the colours on the way through encode/decode, so `identity_sd` swaps in a
+# VAE that is the identity by construction (see identity_vae) and saves the pipeline folder that `--pretrained`
+# gets. Training runs at --resolution 8 to keep the UNet cheap.
+
+CAPTIONS = ["a red cat", "a beautiful lake", "a photo of a red dog", "an image of the lake"]  # red ones: redder wins
+TIE_MARGIN = 0.04  # pairs whose mean redness (in [0, 1]) differs by less are ties
+
+
+def draw_image(gen):
+    """A flat random colour with a random patch of another colour: (3, 32, 32) in [0, 1]."""
+    x = torch.rand(3, 1, 1, generator=gen).expand(3, 32, 32).clone()
+    top, left = torch.randint(0, 24, (2,), generator=gen).tolist()
+    x[:, top:top + 8, left:left + 8] = torch.rand(3, 1, 1, generator=gen)
+    return x
+
+
+def jpeg(x):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def pick_a_pic_rows(n, seed, unlabelled=0):
+    """n labelled pairs (the redder image wins, near-equal is a tie) plus `unlabelled` pairs without a label."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n + unlabelled):
+        x0, x1 = draw_image(gen), draw_image(gen)
+        caption = CAPTIONS[i % len(CAPTIONS)]
+        diff = (x0[0].mean() - x1[0].mean()).item() * (1 if "red" in caption else -1)
+        labels = (0.5, 0.5) if abs(diff) < TIE_MARGIN else (1.0, 0.0) if diff > 0 else (0.0, 1.0)
+        rows.append(dict(caption=caption, jpg_0=jpeg(x0), jpg_1=jpeg(x1), label_0=labels[0],
+                         label_1=labels[1], has_label=i < n, are_different=True, image_0_uid=f"{seed}-{i}-0",
+                         image_1_uid=f"{seed}-{i}-1"))
+    for row in rows:
+        row["num_example_per_prompt"] = sum(r["caption"] == row["caption"] for r in rows)
+    return rows
+
+
+def write_shard(path, rows, row_group_size=64):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """DATA/train-*.parquet in two shards of several row groups, DATA/validation_unique-*.parquet with
+    labelled pairs and some unlabelled ones (which validation must skip)."""
+    folder = tmp_path_factory.mktemp("pickapic")
+    train = pick_a_pic_rows(512, seed=1)
+    write_shard(folder / "train-00000-of-00002.parquet", train[:256])
+    write_shard(folder / "train-00001-of-00002.parquet", train[256:])
+    write_shard(folder / "validation_unique-00000-of-00001.parquet", pick_a_pic_rows(64, seed=2, unlabelled=8))
+    return folder
+
+
+def identity_vae(k=50.0):
+    """A one-block AutoencoderKL whose decode(encode(x)) is x by construction (to ~1e-3). Every residual branch
+    is switched off (conv2 = 0). conv_in writes [x, +k, -k, -x] into the 8 channels, so the one GroupNorm sees
+    mean 0 and std ~k/2 whatever x is, and conv_out reads SiLU(z) - SiLU(-z) = z exactly."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=1,
+                        sample_size=8, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+    s = vae.config.scaling_factor
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if ".conv2." in name:
+                p.zero_()
+        for conv_in, gain in [(vae.encoder.conv_in, 1.0), (vae.decoder.conv_in, s)]:  # latents are x / s
+            conv_in.weight.zero_()
+            conv_in.bias.copy_(torch.tensor([0, 0, 0, k, -k, 0, 0, 0]))
+            for c in range(3):
+                conv_in.weight[c, c, 1, 1], conv_in.weight[c + 5, c, 1, 1] = gain, -gain
+        for conv_out, gain in [(vae.encoder.conv_out, k / 2 / s), (vae.decoder.conv_out, k / 2)]:
+            conv_out.weight.zero_()
+            conv_out.bias.zero_()
+            for c in range(3):
+                conv_out.weight[c, c, 1, 1], conv_out.weight[c, c + 5, 1, 1] = gain, -gain
+        vae.encoder.conv_out.bias[4:] = -30  # posterior log-variance: a sample is the mean
+    return vae
+
+
+@pytest.fixture(scope="module")
+def identity_sd(tmp_path_factory):
+    """The tiny SD pipeline with the identity VAE in place of its random one, as a folder for --pretrained."""
+    from diffusion import tiny_pipeline_path
+
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd-identity-vae"
+    shutil.copytree(tiny_pipeline_path(), folder)
+    shutil.rmtree(folder / "vae")
+    identity_vae().save_pretrained(folder / "vae")
+    return str(folder)
+
+
+def test_identity_vae_round_trips_images():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.stack([draw_image(gen) for _ in range(8)]) * 2 - 1, 4)  # (8, 3, 8, 8)
+    vae = identity_vae()
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        rec = vae.decode(latents / vae.config.scaling_factor).sample
+    assert (latents[:, :3] - x).abs().max() < 0.01, "the scaled latent should be the image itself"
+    assert (rec - x).abs().max() < 0.01, f"decode(encode(x)) should be x, max error {(rec - x).abs().max():.3f}"
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, identity_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spm_run") / "run"
+    code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--data", str(dataset), "--out", str(out),
+                    "--resolution", "8", "--max-steps", "40", "--eval-every", "40", "--batch-size", "16", "--lr", "1e-3"])
+    assert code == 0
+    return out
+
+
+def test_training_lifts_accuracy_at_t0_from_chance(trained, capsys):
+    evals = [r for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "accuracy" in r]
+    first, last = evals[0], evals[-1]
+    table = "\n".join(f"t={t:>4}: {first['accuracy'][t]:.3f} -> {last['accuracy'][t]:.3f}" for t in last["accuracy"])
+    with capsys.disabled():
+        print(f"\nvalidation accuracy by t, step 0 -> step {last['step']} ({last['pairs']} pairs):\n{table}")
+    assert last["pairs"] == 64, "validation must skip the pairs without a label"
+    assert 0.3 < first["accuracy"]["0"] < 0.7, f"an untrained SPM should be near chance, got {first['accuracy']}"
+    assert last["accuracy"]["0"] > 0.8, f"training should learn the redness rule, got {last['accuracy']}"
+    # No assertion on t > 0: the pair shares its noise (as in the reference), the identity VAE is linear and the
+    # random UNet barely reacts to its input, so the pair's difference survives to t = 951 here. With SD1.5 the
+    # x0-predictions at large t are the UNet's guesses, alike for both images, and accuracy falls towards chance.
+
+
+def test_metrics_and_checkpoint_files(trained):
+    records = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in steps)
+    assert steps[0]["lr"] == 0, "the reference's log-rate warmup starts at lr 0"
+    assert (trained / "spm.safetensors").is_file() and (trained / "checkpoints" / "step-40" / "optimizer.pt").is_file()
+
+
+def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(dataset, identity_sd, tmp_path):
+    """Same pairs, t, noise and optimizer state after the cut: every draw is seeded by the micro-batch index."""
+    from safetensors.torch import load_file
+
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "4", "--eval-every", "2", "--eval-timesteps", "0"]
+    assert pm.main([*flags, "--out", str(tmp_path / "full"), "--max-steps", "4"]) == 0
+    assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--max-steps", "2"]) == 0
+    assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--max-steps", "4", "--resume"]) == 0
+    full, resumed = (load_file(tmp_path / run / "spm.safetensors") for run in ("full", "cut"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full), "a resumed run must end where an uninterrupted one does"
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_preference_loss_equals_hand_computation():
+    s0, s1 = torch.tensor([2.0, 1.0, 0.5]), torch.tensor([1.0, 3.0, 0.5])
+    label_0, label_1 = torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])
+    n = torch.tensor([1.0, 2.0, 4.0])
+    ce0 = math.log(1 + math.exp(1.0 - 2.0))  # -log softmax([2, 1])[0]
+    ce1 = math.log(1 + math.exp(1.0 - 3.0))  # -log softmax([1, 3])[1]
+    tie = 0.5 * math.log(2) + 0.5 * math.log(2) + math.log(0.5)  # equal scores on a tie cost exactly 0
+    w = [1 / 1, 1 / 2, 1 / 4]
+    expected = (w[0] * ce0 + w[1] * ce1 + w[2] * tie) / sum(w)
+    got = pm.preference_loss(s0, s1, label_0, label_1, n).item()
+    assert abs(got - expected) < 1e-6, f"loss {got}, hand computation {expected}"
+    assert abs(tie) < 1e-12
+
+
+def test_lr_schedule_is_log_warmup_then_linear_decay():
+    assert pm.lr_factor(0, 500, 8000) == 0
+    assert abs(pm.lr_factor(99, 500, 8000) - math.log(100) / math.log(500)) < 1e-12
+    assert pm.lr_factor(500, 500, 8000) == 1 and pm.lr_factor(4250, 500, 8000) == 0.5
+    assert pm.lr_factor(8000, 500, 8000) == 0
+
+
+def test_trained_checkpoint_drives_a_tiny_spo_run(trained, tmp_path):
+    import spo
+
+    ckpt = str(trained / "spm.safetensors")
+    spo.main(["--model", "tiny", "--steps", "6", "--divert-start-step", "2", "--k", "3", "--resolution", "8",
+              "--sample-batch-size", "4", "--epochs", "1", "--preference-checkpoint", ckpt, "--out", str(tmp_path / "spo")])
+    assert (tmp_path / "spo" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((tmp_path / "spo" / "config.json").read_text())["preference_checkpoint"] == ckpt
+
+
+def test_eval_command_prints_the_accuracy_table(trained, dataset, identity_sd, capsys):
+    code = pm.main(["eval", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+                    "--checkpoint", str(trained / "spm.safetensors"), "--eval-timesteps", "0", "501"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "accuracy on 64 validation pairs" in printed
+    rows = [line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "501"]
+    last = [r for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "accuracy" in r][-1]
+    assert abs(float(rows[0][1]) - last["accuracy"]["0"]) < 1e-3, "eval must reproduce the run's last evaluation"
+
+
+def corrupt(dataset, tmp_path, change):
+    """A copy of the dataset whose validation row 5 is changed by change(row)."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "bad"
+    shutil.copytree(dataset, folder)
+    path = folder / "validation_unique-00000-of-00001.parquet"
+    rows = pq.read_table(path).to_pylist()
+    change(rows[5])
+    write_shard(path, rows)
+    return folder, path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(jpg_1=b"not a jpeg"), "row 5, jpg_1: not a readable image"),
+    (lambda r: r.update(label_0=0.7, label_1=0.3), "row 5: labels (0.7, 0.3) must each be 0, 0.5 or 1"),
+    (lambda r: r.update(label_0=1.0, label_1=1.0), "row 5: labels (1.0, 1.0) must sum to 1"),
+])
+def test_bad_rows_are_named(dataset, tmp_path, capsys, change, message):
+    folder, path = corrupt(dataset, tmp_path, change)
+    code = pm.main(["eval", "--model", "tiny", "--data", str(folder), "--eval-timesteps", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{path}, {message}" in err, err
+
+
+def test_missing_columns_are_named(dataset, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "bad"
+    shutil.copytree(dataset, folder)
+    path = folder / "train-00001-of-00002.parquet"
+    pq.write_table(pq.read_table(path).drop(["label_1", "has_label"]), path)
+    code = pm.main(["train", "--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: {path}: missing Pick-a-Pic columns label_1, has_label"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "0"], "--max-steps must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--eval-timesteps", "0", "1000"], "--eval-timesteps must be in [0, 999], got 1000"),
+    (["--resume"], "holds no run to resume"),
+    (["--data", "/nonexistent/pickapic"], "--data: no such folder: /nonexistent/pickapic"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    code = pm.main(["train", "--model", "tiny", "--data", str(dataset), "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+# ---- several ranks: torchrun with gloo on the CPU ----
+
+def stream_keys(rows, n):
+    """The first n pairs of a read_rows stream, as comparable keys."""
+    return [(c, i0.sum().item(), i1.sum().item(), l0) for c, i0, i1, l0, _, _ in itertools.islice(rows, n)]
+
+
+def test_ranks_split_the_stream_disjointly_and_resume_in_place(dataset):
+    """Two ranks' shares interleave back into the one-process stream (across an epoch boundary: 512 train
+    pairs), a resumed share goes on where it stopped, and validation is split by whole batches."""
+    train = pm.row_groups(pm.find_shards(str(dataset), "train"))
+    single = stream_keys(pm.read_rows(train, 8, False, seed=3), 560)
+    shares = [stream_keys(pm.read_rows(train, 8, False, seed=3, rank=r, world=2), 280) for r in (0, 1)]
+    assert [row for pair in zip(*shares) for row in pair] == single
+    assert stream_keys(pm.read_rows(train, 8, False, seed=3, skip=2 * 270, rank=1, world=2), 10) == shares[1][270:]
+    valid = pm.row_groups(pm.find_shards(str(dataset), "validation_unique"))
+    whole = stream_keys(pm.read_rows(valid, 8, True), 100)
+    halves = [stream_keys(pm.read_rows(valid, 8, True, rank=r, world=2, block=16), 100) for r in (0, 1)]
+    assert len(whole) == 64 and halves[0] == whole[:16] + whole[32:48] and halves[1] == whole[16:32] + whole[48:]
+
+
+SPM_DDP_RUN = """
+import sys
+sys.path.insert(0, {project!r})
+import torch
+torch.set_num_threads(1)
+import preference_model as pm
+train_command = pm.train_command
+
+
+def train_and_keep(args, rank, world):  # every rank's SPM at the end, to compare them
+    model = train_command(args, rank, world)
+    pm.save_checkpoint(model, f"{{args.out}}.rank{{rank}}.safetensors")
+    return model
+
+
+pm.train_command = train_and_keep
+sys.exit(pm.main(sys.argv[1:]))
+"""
+
+
+def spm_torchrun(tmp_path, nproc, flags):
+    script = tmp_path / "spm_ddp_run.py"
+    script.write_text(SPM_DDP_RUN.format(project=str(Path(__file__).resolve().parent)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             str(script), *flags], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_flags(dataset, identity_sd):
+    return ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+            "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--eval-every", "3",
+            "--eval-timesteps", "0", "501"]
+
+
+@pytest.fixture(scope="module")
+def single_run(ddp_flags, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spm_single") / "run"
+    assert pm.main([*ddp_flags, "--out", str(out)]) == 0
+    return out
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_train_to_identical_spms(ddp_flags, single_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    printed = spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(out)])
+    assert "4 pairs x 2 accumulation x 2 ranks = 16 pairs per update" in printed
+    rank0, rank1, written = (load_file(p) for p in (f"{out}.rank0.safetensors", f"{out}.rank1.safetensors",
+                                                   out / "spm.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], written[k]) for k in rank0), \
+        "DDP ranks ended with different SPM weights"
+    start = load_file(single_run / "spm.safetensors")
+    assert any(not torch.equal(rank0[k], start[k]) for k in rank0), "the ranks must train on different pairs"
+    logged = records(out)
+    assert [r["step"] for r in logged] == [0, 1, 2, 3, 3], "rank 0 alone writes the metrics, once per step"
+    assert all(r["pairs"] == 64 for r in logged if "accuracy" in r), "evaluation must cover the whole validation set"
+    # Validation split by whole batches with each batch's own noise: the same numbers as one process.
+    assert logged[0] == records(single_run)[0]
+    assert json.loads((out / "checkpoints" / "step-3" / "progress.json").read_text())["world_size"] == 2
+
+
+def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, single_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    spm_torchrun(tmp_path, 1, [*ddp_flags, "--out", str(out)])
+    single, world1 = (load_file(run / "spm.safetensors") for run in (single_run, out))
+    assert all(torch.equal(single[k], world1[k]) for k in single), "world size 1 must train exactly as one process"
+    assert (out / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()

@@ -1,0 +1,411 @@
+"""Generate, compare and score images with SPO LoRAs: ours, the released ones, webui files.
+
+    python sample.py --model tiny --prompt "a photo of a cat" --out out/cat.png      # offline, tiny random model
+    python sample.py --prompt "an image of a beautiful lake" --lora SPO-Diffusion-Models/SPO-SD-v1-5_4k-p_10ep_LoRA
+    python sample.py --prompt "a red dog" --n 4 --lora runs/sd15 --compare --score   # base | LoRA, same noise
+    python sample.py --lora runs/sd15 --eval prompts.txt --steps 20 --cfg 5          # the paper's eval protocol
+    python sample.py --lora runs/sd15 --save-merged runs/sd15-merged --export-webui runs/sd15-webui.safetensors
+
+Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses) from noise drawn by a generator seeded
+with the image's own seed, so an image with and without the LoRA starts from the same noise and differs only by
+what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in PNG text chunks.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
+                       captioned_grid, ddim_sample, lora_disabled, lora_merged, lora_modules, read_lora_file,
+                       read_prompts, save_lora_webui, save_png, to_pil)
+from preference_model import PREFERENCE_FLAGS, load_preference_model, tiny_spm_paths
+
+# ----------------------------------------------------------------------------------------------
+# Defaults per preset, as the released models' example usage. An sdxl entry would add guidance 5.0 and the
+# fp16-fix VAE here, next to its PRESETS entry in diffusion.py and a Pipeline that knows its two text encoders.
+
+SAMPLING = {
+    "sd15": dict(steps=50, cfg=7.5),  # resolution 512 from PRESETS
+    "tiny": dict(steps=20, cfg=7.5),  # resolution 32
+}
+PAPER_EVAL = "--steps 20 --cfg 5"  # the paper's evaluation protocol: DDIM, 20 steps, guidance 5.0
+GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row each), so it stays viewable
+LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
+
+
+def parse_args(argv=None):
+    """Flags, then the --model preset's defaults; every check that needs no model runs here."""
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"The paper's evaluation protocol (DDIM, 20 steps, guidance 5.0) is: {PAPER_EVAL}.")
+    per_preset = lambda key: ", ".join(f"{m} {SAMPLING[m][key]}" for m in SAMPLING)
+    sizes = ", ".join(f"{m} {PRESETS[m]['resolution']}" for m in SAMPLING)
+    add = p.add_argument
+    add("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
+    add("--prompts", help="a file of prompts: one a line, or a JSON list of strings or of {\"caption\": ...}")
+    add("--model", choices=list(SAMPLING), default="sd15", help="preset: base model and defaults (sd15)")
+    add("--pretrained", help="hub id or diffusers folder, e.g. a merged SPO checkpoint (default: the preset's)")
+    add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
+                       "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
+    add("--lora-scale", type=float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
+    add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
+    add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
+    add("--n", type=int, default=1, help="images per prompt (1)")
+    add("--steps", type=int, help=f"DDIM steps ({per_preset('steps')})")
+    add("--cfg", type=float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
+    add("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
+    add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
+    add("--width", type=int, help=f"pixels, a multiple of 8 ({sizes})")
+    add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
+    add("--batch-size", type=int, default=4, help="images per UNet call (4); with --eta > 0 one at a time, so "
+                                                  "that each image's step noise comes from its own seed")
+    add("--out", default="out", help="a .png file for a single image, else a folder (out)")
+    add("--compare", action="store_true",
+        help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
+    add("--score", action="store_true", help="print each image's PickScore and step-aware score at t=0")
+    add("--eval", metavar="PROMPTS_FILE", help="base vs LoRA on these prompts x --n seeds: mean scores, LoRA win "
+                                               "rate with a 95%% interval; eval.json and the grid go to --out")
+    add("--save-merged", metavar="DIR", help="write a diffusers pipeline folder with the LoRA merged into its "
+                                             "UNet (weights in --precision, DDIM scheduler)")
+    add("--export-webui", metavar="FILE", help="write the LoRA in the webui/kohya layout (with .alpha)")
+    add("--preference-model", help="CLIP of PickScore and the SPM: hub id or folder (default: the preset's)")
+    add("--preference-processor", help="PickScore's processor: hub id or folder (default: the preset's)")
+    add("--preference-checkpoint", help="SPM weights: a file or owner/repo/filename (default: the preset's)")
+    add("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    add("--precision", choices=["fp16", "bf16", "fp32"], help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.model]
+    args.pretrained = args.pretrained or preset["pretrained"]
+    args.steps = SAMPLING[args.model]["steps"] if args.steps is None else args.steps
+    args.cfg = SAMPLING[args.model]["cfg"] if args.cfg is None else args.cfg
+    args.height = args.height or preset["resolution"]
+    args.width = args.width or preset["resolution"]
+    args.preference_model = args.preference_model or preset["spm_base"]
+    args.preference_processor = args.preference_processor or preset["spm_processor"]
+    args.preference_checkpoint = args.preference_checkpoint or preset["spm_checkpoint"]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    args.prompt_list = prompt_list(args)
+    problems = validate(args)
+    if problems:
+        raise UserError("; ".join(problems))
+    return args
+
+
+def prompt_list(args):
+    """--prompt flags and the --prompts file, or the --eval file alone."""
+    if args.eval:
+        return read_prompts(args.eval, "--eval")
+    return list(args.prompt) + (read_prompts(args.prompts, "--prompts") if args.prompts else [])
+
+
+def validate(args):
+    """Every check that needs no model, so that a typo costs a second and writes nothing."""
+    exporting, both = args.save_merged or args.export_webui, args.compare or args.eval
+    images = len(args.prompt_list) * args.n * (2 if both else 1)
+    checks = [
+        (args.n >= 1, f"--n must be >= 1, got {args.n}"),
+        (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+        (args.eta >= 0, f"--eta must be >= 0, got {args.eta}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
+        (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
+        (args.prompt_list or exporting, "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
+        (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
+        (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
+        (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),
+        (not args.out.endswith(".png") or images <= 1,
+         f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
+        (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
+        (not Path(args.out).is_file() or args.out.endswith(".png"), f"--out {args.out} is a file, not a folder"),
+        (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
+        (args.device == "cpu" or args.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {args.device}"),
+        (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+# ----------------------------------------------------------------------------------------------
+# The LoRA: found, read in any layout, checked against the UNet before anything is written.
+
+def resolve_lora(spec):
+    """A file; a folder holding pytorch_lora_weights.safetensors, adapter_model.safetensors or one .safetensors;
+    'owner/repo' (its pytorch_lora_weights.safetensors) or 'owner/repo/file' on the hub."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
+        if len(found) == 1 or (found and found[0].name in LORA_FILES):
+            return found[0]
+        raise UserError(f"--lora: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
+    parts = spec.split("/")
+    if spec.startswith(("/", ".", "~")) or path.parent.exists() or len(parts) < 2:
+        raise UserError(f"--lora: no such file or folder: {spec}")
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]) or LORA_FILES[0]))
+    except Exception as err:  # offline, missing, gated: all end the same way
+        raise cannot_load("LoRA", spec, err, "--lora") from None
+
+
+def load_lora_modules(spec, unet):
+    """{module: (down, up, alpha)} of the LoRA at `spec`, every key and shape checked against this UNet."""
+    path = resolve_lora(spec)
+    tensors, declared = read_lora_file(path)
+    try:
+        return lora_modules(tensors, declared, unet)
+    except UserError as err:
+        raise UserError(f"--lora {spec}: {err}") from None
+
+
+def lora_switch(unet, modules, scale, merge):
+    """A function on(True/False) -> a context in which the UNet runs with or without the LoRA. Applied: LoRALinear
+    layers, off = lora_disabled. Merged: W + scale * alpha/r * up @ down inside, the exact W outside."""
+    if modules is None:
+        return lambda on: contextlib.nullcontext()
+    if merge:
+        return lambda on: lora_merged(unet, modules, scale) if on else contextlib.nullcontext()
+    apply_lora(unet, modules, scale)
+    return lambda on: contextlib.nullcontext() if on else lora_disabled(unet)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prompt=""):
+    """One image per (prompt, seed), (b, 3, H, W) in [-1, 1], in one batch. Image i starts from noise drawn by a
+    generator seeded with seeds[i], as diffusers' pipeline with generator=torch.Generator().manual_seed(seed), so
+    base and LoRA images see the same noise. With eta > 0, ddim_sample draws each step's noise from one
+    generator: pass one image at a time then, or every image would share the first one's step noise."""
+    assert eta == 0 or len(prompts) == 1, "with eta > 0, sample one image per call"
+    device = pipe.unet.device
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    latents = torch.cat([torch.randn(shape, generator=g, device=device) for g in generators])  # (b, 4, h, w)
+    cond = pipe.encode_prompts(prompts)  # (b, L, D)
+    uncond = pipe.encode_prompts([negative_prompt]).expand_as(cond)
+    latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators[0])
+    return pipe.decode(latents)
+
+
+def image_settings(args, prompt, seed, with_lora):
+    """What goes into each PNG's text chunks: everything needed to make it again, and the command that does."""
+    settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
+                    eta=args.eta, height=args.height, width=args.width, sampler="DDIM", model=args.model,
+                    pretrained=args.pretrained, lora="none", precision=args.precision)
+    if with_lora:
+        settings.update(lora=args.lora, lora_scale=args.lora_scale, lora_mode="merged" if args.merge else "applied")
+    command = ["python", "sample.py"]
+    for key, value in settings.items():  # every setting but these two is the flag of the same name
+        if key not in ("sampler", "lora_mode") and value != "none":
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    command += ["--merge"] if with_lora and args.merge else []
+    return dict(settings, command=shlex.join(command))
+
+
+def image_path(args, index, prompt, seed, tag):
+    if args.out.endswith(".png"):
+        return Path(args.out)
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+    return Path(args.out) / f"{index:03d}-{slug}-seed{seed}{tag}.png"
+
+
+def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
+    """Generate and save every (index, prompt, seed) job, in batches; returns the PIL images and their paths."""
+    batch = args.batch_size if args.eta == 0 else 1
+    images, paths = [], []
+    with lora_on(with_lora):
+        for start in range(0, len(jobs), batch):
+            chunk = jobs[start:start + batch]
+            pixels = generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], args.steps, args.cfg,
+                              args.eta, args.height, args.width, args.negative_prompt)
+            for (index, prompt, seed), image in zip(chunk, to_pil(pixels)):
+                path = image_path(args, index, prompt, seed, tag)
+                save_png(image, path, image_settings(args, prompt, seed, with_lora))
+                images.append(image)
+                paths.append(path)
+            progress.update(len(chunk))
+    return images, paths
+
+
+def save_compare_grid(args, jobs, base, lora, path):
+    """Rows are prompts, and per seed a pair base | LoRA with the prompt and seed written under it."""
+    keep = [i for i, (index, _, _) in enumerate(jobs) if index < GRID_ROWS]
+    tiles = [image for i in keep for image in (base[i], lora[i])]
+    captions = [f"base | LoRA, seed {jobs[i][2]}: {jobs[i][1]}" for i in keep]
+    grid = captioned_grid(tiles, captions, cols=args.n)
+    settings = image_settings(args, "", args.seed, True)
+    prompts = "; ".join(dict.fromkeys(p for _, p, _ in jobs))
+    settings.update(prompt=prompts, seed=f"{args.seed}..{args.seed + args.n - 1}", layout="prompt rows; base | LoRA")
+    del settings["command"]
+    save_png(grid, path, settings)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: PickScore as its authors compute it, and the step-aware preference model at t = 0 (a clean image).
+
+class Scorers:
+    """PickScore exactly as PickScore's authors compute it (github.com/yuvalkirstain/PickScore): their CLIP
+    processor on the PIL image (resize the shortest side, center crop, normalise), then logit_scale.exp() *
+    cosine(image, text), so numbers compare with published ones. And the SPM score at t = 0 of the same image."""
+
+    def __init__(self, args):
+        from transformers import CLIPImageProcessorPil  # the PIL one, as PickScore's code ran; needs no torchvision
+
+        self.device = args.device
+        self.pickscore = load_preference_model("pickscore", args.preference_model, args.preference_processor, None,
+                                               device=args.device, flags=PREFERENCE_FLAGS)
+        self.spm = load_preference_model("spm", args.preference_model, args.preference_processor,
+                                         args.preference_checkpoint, device=args.device, flags=PREFERENCE_FLAGS)
+        processor = tiny_spm_paths()[1] if args.preference_processor == "tiny" else args.preference_processor
+        try:
+            self.processor = CLIPImageProcessorPil.from_pretrained(processor)
+        except Exception as err:
+            raise cannot_load("image processor", processor, err, "--preference-processor") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompt):
+        """PIL images of one prompt -> {"pickscore": [...], "spm": [...]}."""
+        clip = self.pickscore.model
+        tok = self.pickscore.tokenizer
+        text = tok([prompt], padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+        text_features = clip.text_projection(clip.text_model(**text.to(self.device)).pooler_output)  # (1, proj)
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)  # (b, 3, S, S)
+        image_features = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)  # (b, proj)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        pickscore = clip.logit_scale.exp() * (text_features @ image_features.T)[0]
+        # The SPM sees the saved pixels, so `python preference_model.py score` on the PNG gives the same number.
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8
+        x = x.float() / 127.5 - 1
+        spm = self.spm.score(x, self.spm.tokenize([prompt] * len(images)), 0)
+        return {"pickscore": pickscore.tolist(), "spm": spm.tolist()}
+
+
+def score_all(scorers, jobs, images):
+    """Scores for every image, grouped by prompt so each prompt's text is encoded once."""
+    out = [None] * len(jobs)
+    for prompt in dict.fromkeys(p for _, p, _ in jobs):
+        idx = [i for i, (_, p, _) in enumerate(jobs) if p == prompt]
+        scores = scorers([images[i] for i in idx], prompt)
+        for k, i in enumerate(idx):
+            out[i] = {name: values[k] for name, values in scores.items()}
+    return out
+
+
+def wilson_interval(wins, n, z=1.959964):
+    """95% Wilson score interval of a proportion (Wilson 1927); wins may be fractional (ties count half)."""
+    p = wins / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [0.0 if wins == 0 else center - half, 1.0 if wins == n else center + half]  # exact ends, not 1 - 1e-16
+
+
+def summarize(base, lora):
+    """Mean scores and the LoRA's win rate over pairs with identical noise; a tie counts as half a win."""
+    wins = sum(1.0 if b < l else 0.5 if b == l else 0.0 for b, l in zip(base, lora))
+    return dict(base_mean=sum(base) / len(base), lora_mean=sum(lora) / len(lora), lora_win_rate=wins / len(base),
+                win_rate_ci95=wilson_interval(wins, len(base)), pairs=len(base))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports.
+
+def save_merged_pipeline(pipe, modules, scale, folder):
+    """A complete diffusers pipeline folder with the LoRA merged into the UNet (what the released merged SPO
+    checkpoints are): written under a temporary name and renamed, so the folder is whole or absent."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with lora_merged(pipe.unet, modules, scale):
+            StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler,
+                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                                    ).save_pretrained(tmp)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: load and check everything, then write.
+
+def run(args):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    pipe = Pipeline(args.pretrained, args.device, dtype)
+    modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
+    scorers = Scorers(args) if args.score or args.eval else None
+    # Everything is loaded and checked: from here on, bad input can no longer leave partial output.
+    if args.export_webui:
+        save_lora_webui(modules, args.export_webui)
+        print(f"webui LoRA written to {args.export_webui}")
+    if args.save_merged:
+        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged)
+        print(f"merged pipeline written to {args.save_merged}")
+    if not args.prompt_list:
+        return
+
+    lora_on = lora_switch(pipe.unet, modules, args.lora_scale, args.merge)
+    jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt_list) for k in range(args.n)]
+    both = args.compare or args.eval  # base and LoRA images, from the same noise
+    progress = tqdm(total=len(jobs) * (2 if both else 1), desc="images", unit="img")
+    images, paths = render(pipe, jobs, args, lora_on, modules is not None, "-lora" if both else "", progress)
+    if both:
+        base_images, base_paths = render(pipe, jobs, args, lora_on, False, "-base", progress)
+        save_compare_grid(args, jobs, base_images, images, Path(args.out) / "compare.png")
+    progress.close()
+    print(f"{progress.total} images written to {args.out}" + (", with the grid compare.png" if both else ""))
+    if scorers is None:
+        return
+
+    scores = score_all(scorers, jobs, images)
+    base_scores = score_all(scorers, jobs, base_images) if both else []
+    if args.score:
+        print("pickscore       spm  image")
+        for s, path in zip(scores + base_scores, paths + (base_paths if both else [])):
+            print(f"{s['pickscore']:9.4f} {s['spm']:9.4f}  {path}")
+    if args.eval:
+        write_eval(args, jobs, base_scores, scores, base_paths, paths)
+
+
+def write_eval(args, jobs, base_scores, lora_scores, base_paths, lora_paths):
+    """eval.json: the settings, per scorer the means and the LoRA win rate, and every pair's scores."""
+    metrics = {name: summarize([s[name] for s in base_scores], [s[name] for s in lora_scores])
+               for name in ("pickscore", "spm")}
+    pairs = [dict(prompt=prompt, seed=seed, base=b, lora=l, base_image=bp.name, lora_image=lp.name)
+             for (_, prompt, seed), b, l, bp, lp in zip(jobs, base_scores, lora_scores, base_paths, lora_paths)]
+    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "prompt_list")}
+    report = dict(settings=settings, metrics=metrics, pairs=pairs)
+    atomic_write(Path(args.out) / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    for name, m in metrics.items():
+        lo, hi = m["win_rate_ci95"]
+        print(f"{name}: mean base {m['base_mean']:.4f}, LoRA {m['lora_mean']:.4f}; LoRA wins "
+              f"{100 * m['lora_win_rate']:.1f}% of {m['pairs']} pairs (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
+    print(f"eval written to {Path(args.out) / 'eval.json'}")
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

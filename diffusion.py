@@ -159,7 +159,7 @@ def _bytes_to_unicode():
 TINY_WORDS = ["a", "photo", "of", "the", "cat", "dog", "lake", "red", "on", "an", "beautiful", "image"]
 
 
-def write_tiny_tokenizer(folder, pad_token):
+def write_tiny_tokenizer(folder, pad_token, max_length=16):
     """A real CLIP BPE tokenizer with a tiny vocabulary: 256 bytes, 256 word-final bytes, a few
     merges that spell TINY_WORDS, then bos and eos (the last id, like CLIP's). Written as the
     ordinary vocab.json/merges.txt pair and loaded by transformers' CLIPTokenizer."""
@@ -181,33 +181,66 @@ def write_tiny_tokenizer(folder, pad_token):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=16)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=max_length)
     tok.save_pretrained(folder)
     return tok
 
 
-def build_tiny_pipeline(folder):
-    """A tiny SD1.5-shaped pipeline with seeded random weights, saved as an ordinary diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+# The architectures, as the released checkpoints' config.json files give them. "tiny" is built, seeded and saved
+# once (the offline test model); every entry can also be built with random weights (--random-init), to measure
+# speed and memory at full size without a download.
+ARCHITECTURES = {
+    "tiny": dict(
+        text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32),
+        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)),
+    "sd15": dict(
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)),
+}
+
+
+def random_pipeline_parts(model, device="cpu", folder=None):
+    """Tokenizer, text encoder, UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights. The
+    tokenizer is the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend on it.
+    It is written to folder/tokenizer, or to a temporary folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(Path(folder) / "tokenizer", pad_token="<|endoftext|>")  # as SD's pads
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    arch = ARCHITECTURES[model]
+    max_length = arch["text_encoder"]["max_position_embeddings"]
+    folder = Path(folder or tempfile.mkdtemp())
+    tokenizer = write_tiny_tokenizer(folder / "tokenizer", "<|endoftext|>", max_length)  # pads as SD's does
+    vocab = len(tokenizer) if model == "tiny" else 49408  # CLIP's vocabulary size
+    with torch.device(device):  # initialise where the weights will live: much faster on a GPU
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab, **arch["text_encoder"], bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(**arch["unet"])
+        vae = AutoencoderKL(**arch["vae"])
     scheduler = DDIMScheduler(  # SD1.5's noise schedule
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler)
+
+
+def build_tiny_pipeline(folder):
+    """The tiny SD1.5-shaped pipeline with seeded random weights, saved as an ordinary diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    parts = random_pipeline_parts("tiny", folder=folder)
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
 
 
 def tiny_pipeline_path():
@@ -259,20 +292,24 @@ def resolve_file(spec, flag):
 class Pipeline:
     """The parts of a Stable Diffusion checkpoint that SPO uses (no diffusers pipeline object)."""
 
-    def __init__(self, pretrained, device="cpu", dtype=torch.float32):
+    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None):
+        """pretrained: hub id, local folder or "tiny"; random_init: an ARCHITECTURES name to build instead."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         quiet_libraries()
-        path = str(tiny_pipeline_path()) if pretrained == "tiny" else pretrained
-        offline_if_hub_unreachable(path)
-        parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
-                 ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]
-        for sub, cls in parts:
-            try:
-                setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
-            except Exception as err:
-                raise cannot_load(sub, pretrained, err, "--pretrained") from None
+        if random_init:
+            self.__dict__.update(random_pipeline_parts(random_init, device))
+        else:
+            path = str(tiny_pipeline_path()) if pretrained == "tiny" else pretrained
+            offline_if_hub_unreachable(path)
+            parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
+                     ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]
+            for sub, cls in parts:
+                try:
+                    setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
+                except Exception as err:
+                    raise cannot_load(sub, pretrained, err, "--pretrained") from None
         for m in (self.text_encoder, self.vae, self.unet):
             m.requires_grad_(False).eval().to(device, dtype)
         self.source = pretrained

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -274,14 +275,31 @@ class StepAwarePreferenceModel(PickScoreModel):
         return self.model.visual_projection(pooled)
 
 
+# PickScore's CLIP ViT-H/14 (its config.json), for --random-init: the full-size judge with random weights.
+PICKSCORE_ARCHITECTURE = dict(
+    text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     max_position_embeddings=77, vocab_size=49408, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024)
+
+
 def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype=torch.float32,
-                          flags=("--base", "--processor", "--checkpoint")):
-    """The judge for SPO ("spm") or for evaluation and the ablation ("pickscore"); both score(images, ids, t)."""
+                          flags=("--base", "--processor", "--checkpoint"), random_init=False):
+    """The judge for SPO ("spm") or for evaluation and the ablation ("pickscore"); both score(images, ids, t).
+    random_init: PickScore's architecture with random weights and the tiny tokenizer, no download."""
     classes = {"spm": StepAwarePreferenceModel, "pickscore": PickScoreModel}
     if kind not in classes:
         raise UserError(f"unknown preference model '{kind}' (choose from {', '.join(classes)})")
-    return classes[kind].from_pretrained(base, processor, checkpoint, device=device, dtype=dtype,
-                                         flags=flags)
+    if not random_init:
+        return classes[kind].from_pretrained(base, processor, checkpoint, device=device, dtype=dtype, flags=flags)
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = write_tiny_tokenizer(Path(tempfile.mkdtemp()), pad_token="!", max_length=77)
+    with torch.device(device):
+        clip = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
+    model = classes[kind](clip, tokenizer, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +542,8 @@ def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
 
 def lr_factor(step, warmup, total):
     """The reference's DeepSpeed WarmupDecayLR: a *logarithmic* warmup over `warmup` optimizer steps (its
-    default warmup_type), then linear decay to 0 at `total`. Step 0 has lr 0, as there."""
+    default warmup_type), then linear decay to 0 at `total`. Here step k uses the factor of k, so step 0 has lr 0;
+    DeepSpeed steps its scheduler after the update, so there step 0 runs at the full lr and step k at k - 1's."""
     if step < warmup:
         return math.log(step + 1) / math.log(max(2, warmup))
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -603,6 +622,7 @@ def train_command(args, rank=0, world=1):
     if sum(u[3] for u in train_units) == 0:
         raise UserError(f"--data {args.data}: the train shards hold no rows")
     device, dtype, autocast = precision_setup(args, world)
+    # --max-steps may change, to extend a run; note that it also moves where the learning rate reaches 0
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps", "eval_every", "device")}
     if args.resume:
         saved = json.loads((out / "config.json").read_text())
@@ -623,7 +643,8 @@ def train_command(args, rank=0, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step, micro = 0, 0  # optimizer steps, micro-batches consumed (by each rank)
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp")),  # no half ones
+                   key=lambda d: int(d.name.split("-")[1]))
     if args.resume and ckpts:  # every rank loads the same newest checkpoint
         progress = json.loads((ckpts[-1] / "progress.json").read_text())
         if progress.get("world_size", 1) != world:

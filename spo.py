@@ -23,8 +23,10 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,8 @@ class Config:
     save_every: int = 0  # also checkpoint every N prompt batches (0: only at epoch ends)
     keep: int = 0  # keep the newest N checkpoints (0: all)
     max_bad_steps: int = 10  # abort after this many non-finite steps in a row
+    random_init: bool = False  # the preset's real architectures with random weights: speed and memory, no download
+    benchmark: int = 0  # time N prompt batches after a warm-up, print a table, write nothing (0: train)
     validation_prompts: tuple = ("A beautiful lake", "a photo of a cat")  # the epoch-end grid
     validation_seeds: tuple = (0, 1)
 
@@ -146,7 +150,9 @@ def validate(cfg):
         (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
         (cfg.resolution % 8 == 0 and cfg.resolution > 0, f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
-        (cfg.model == "tiny" or cfg.prompts, f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
+        (cfg.model == "tiny" or cfg.prompts or cfg.benchmark,
+         f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
+        (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
         (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
         (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no CUDA device is available"),
     ]
@@ -157,7 +163,7 @@ def validate(cfg):
     out = Path(cfg.out)
     if cfg.resume and not (out / "config.json").is_file():
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-    if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
+    if not cfg.resume and not cfg.overwrite and not cfg.benchmark and out.exists() and any(out.iterdir()):
         problems.append(f"--out {out} already holds files: pass --resume to continue that run or --overwrite to replace it")
     return problems
 
@@ -430,12 +436,9 @@ def optimizer_step(pipe, policy, reference, micro_batches, uncond_1, params, opt
     return record
 
 
-def train(cfg, scorer=None, rank=0, world=1):
-    """The whole run, on one rank of `world`. `scorer` replaces the preference model (tests use a rule-based one).
-    Returns the pipeline, or None when a signal stopped the run. Only rank 0 writes files."""
-    out, main_rank = Path(cfg.out), rank == 0
-    prompts = load_prompts(cfg)
-    prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+def setup_models(cfg, scorer=None, world=1):
+    """Device and precision, the frozen pipeline with the LoRA injected, the views of its UNet, the judge and the
+    optimizer. Frozen weights are in the run's dtype, LoRA parameters in fp32."""
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg.device == "cuda" and world > 1 else cfg.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
@@ -443,11 +446,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Models: frozen weights in `dtype`, LoRA parameters in fp32.
-    pipe = Pipeline(cfg.pretrained, device, dtype)
-    too_long = sum(len(ids) > pipe.tokenizer.model_max_length for ids in pipe.tokenizer(prompts).input_ids)
-    if too_long and main_rank:
-        print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens and get truncated")
+    pipe = Pipeline(cfg.pretrained, device, dtype, random_init=cfg.model if cfg.random_init else None)
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
@@ -464,8 +463,25 @@ def train(cfg, scorer=None, rank=0, world=1):
         policy = torch.compile(ddp) if cfg.compile else ddp
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
                                              cfg.preference_checkpoint, device=device, dtype=torch.float32,
-                                             flags=PREFERENCE_FLAGS)
+                                             flags=PREFERENCE_FLAGS,
+                                             random_init=cfg.random_init and cfg.model != "tiny")  # tiny: already random
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    return SimpleNamespace(device=device, autocast=autocast, scaler=scaler, pipe=pipe, unet=unet, policy=policy,
+                           scorer=scorer, lora_params=lora_params, optimizer=optimizer)
+
+
+def train(cfg, scorer=None, rank=0, world=1):
+    """The whole run, on one rank of `world`. `scorer` replaces the preference model (tests use a rule-based one).
+    Returns the pipeline, or None when a signal stopped the run. Only rank 0 writes files."""
+    out, main_rank = Path(cfg.out), rank == 0
+    prompts = load_prompts(cfg)
+    prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    m = setup_models(cfg, scorer, world)
+    device, autocast, scaler, pipe, unet, policy, scorer, lora_params, optimizer = (
+        m.device, m.autocast, m.scaler, m.pipe, m.unet, m.policy, m.scorer, m.lora_params, m.optimizer)
+    too_long = sum(len(ids) > pipe.tokenizer.model_max_length for ids in pipe.tokenizer(prompts).input_ids)
+    if too_long and main_rank:
+        print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens and get truncated")
 
     # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).
     position, global_step, pending = (0, 0, 0), 0, None
@@ -576,6 +592,102 @@ def train(cfg, scorer=None, rank=0, world=1):
     return pipe
 
 
+# ----------------------------------------------------------------------------------------------
+# --benchmark: where the time goes, per prompt, at the run's real settings.
+
+BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "4090": 165}  # dense, per GPU
+
+
+class PhaseTimer:
+    """Seconds, calls and items per named phase. On CUDA every boundary synchronises, so asynchronous kernels
+    are charged to the phase that launched them (this costs a little speed: the benchmark's, not training's)."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.items = device, {}, {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, name, fn, items=lambda *args, **kwargs: 1):
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.items[name] = self.items.get(name, 0) + items(*args, **kwargs)
+            return result
+        return timed
+
+
+def benchmark(cfg):
+    """One warm-up prompt batch (compilation, cuDNN autotuning; its FLOPs are counted with FlopCounterMode),
+    then cfg.benchmark timed batches of SAMPLING and TRAINING exactly as train() runs them. Writes nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = setup_models(cfg)
+    pipe, b, k = m.pipe, cfg.sample_batch_size, cfg.k
+    timer = PhaseTimer(m.device)
+    pipe.decode = timer.wrap("VAE decode", pipe.decode, lambda z, **_: len(z))
+    m.scorer.score = timer.wrap("preference model", m.scorer.score, lambda images, *a, **kw: len(images))
+    m.scorer.encode_text = timer.wrap("preference text", m.scorer.encode_text, lambda ids: len(ids))
+    m.optimizer.step = timer.wrap("optimizer", m.optimizer.step)
+    uncond_1 = pipe.encode_prompts([""])
+    prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
+    memory, flops = {}, 0
+    for batch in range(1 + cfg.benchmark):
+        if batch == 1:  # the warm-up is over: count from here
+            timer.seconds, timer.items = {}, {}
+        counter = FlopCounterMode(display=False) if batch == 0 else contextlib.nullcontext()
+        with counter:
+            if m.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(m.device)
+            gen = torch.Generator(m.device).manual_seed(derived_seed(cfg, "benchmark", batch))
+            cond = pipe.encode_prompts(prompts)
+            run = timer.wrap("sampling (all)", sample_candidate_pool)
+            with m.autocast:
+                pairs, _ = run(pipe, m.unet, cond, uncond_1.expand_as(cond), make_score_fn(m.scorer, prompts, k), cfg, gen)
+            if m.device.type == "cuda":
+                memory["sampling"] = torch.cuda.max_memory_allocated(m.device)
+                torch.cuda.reset_peak_memory_stats(m.device)
+            step = timer.wrap("training (all)", optimizer_step, lambda pipe, policy, ref, micro, *a: sum(len(x["t"]) for x in micro))
+            n, tb = len(pairs["t"]), cfg.train_batch_size
+            for start in range(0, n, tb * cfg.grad_accum):
+                idx = torch.arange(start, min(n, start + tb * cfg.grad_accum), device=m.device)
+                micro = [{key: pairs[key][i] for key in ("x_t", "t", "win", "lose", "cond")} for i in idx.split(tb)]
+                step(pipe, m.policy, m.unet, micro, uncond_1, m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1)
+            if m.device.type == "cuda":
+                memory["training"] = torch.cuda.max_memory_allocated(m.device)
+        if batch == 0:
+            flops = counter.get_total_flops()
+    prompts_timed = b * cfg.benchmark
+    sec = {name: s / prompts_timed for name, s in timer.seconds.items()}
+    sec["sampling UNet"] = sec["sampling (all)"] - sec.get("VAE decode", 0) - sec.get("preference model", 0) - sec.get("preference text", 0)
+    sec["training forward/backward"] = sec["training (all)"] - sec.get("optimizer", 0)
+    total = sec["sampling (all)"] + sec["training (all)"]
+    gpu = torch.cuda.get_device_name(m.device) if m.device.type == "cuda" else "CPU"
+    peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in gpu), None)
+    achieved = flops / b / total / 1e12  # FLOPs of the warm-up batch per prompt, over seconds per prompt
+    print(f"\nbenchmark: {gpu}, {cfg.model}{' random-init' if cfg.random_init else ''}, {cfg.precision}, "
+          f"compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
+    print(f"{'phase':<28}{'s/prompt':>10}{'share':>8}")
+    for name in ("sampling UNet", "VAE decode", "preference model", "preference text", "training forward/backward",
+                 "optimizer"):
+        print(f"{name:<28}{sec.get(name, 0):>10.4f}{sec.get(name, 0) / total:>8.1%}")
+    print(f"{'total':<28}{total:>10.4f}")
+    per_prompt = lambda name: timer.items.get(name, 0) / prompts_timed
+    unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
+    print(f"per prompt: {unet_calls} sampling UNet samples (CFG-batched), {per_prompt('VAE decode'):.0f} VAE decodes, "
+          f"{per_prompt('preference model'):.0f} preference image and {per_prompt('preference text'):.0f} text forwards, "
+          f"{per_prompt('training (all)'):.1f} training pairs (2 UNet passes each, 1 with backward)")
+    print(f"{flops / b / 1e12:.3g} TFLOP per prompt (counted on the warm-up batch), {achieved:.3g} TFLOP/s"
+          + (f", MFU {achieved / peak:.1%} of the {peak} TFLOP/s bf16 peak" if peak else ""))
+    if memory:
+        print(f"peak GPU memory: sampling {memory['sampling'] / 2**30:.1f} GiB, training {memory['training'] / 2**30:.1f} GiB")
+    return sec
+
+
 # Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
 RESUMABLE_SETTINGS = ("model", "pretrained", "init_lora", "preference", "preference_model", "preference_processor",
                       "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
@@ -589,7 +701,7 @@ def main(argv=None):
         cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
         if world > 1:
             dist.barrier()
-        train(cfg, rank=rank, world=world)
+        benchmark(cfg) if cfg.benchmark else train(cfg, rank=rank, world=world)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1545,3 +1545,31 @@ def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, si
     single, world1 = (load_file(run / "spm.safetensors") for run in (single_run, out))
     assert all(torch.equal(single[k], world1[k]) for k in single), "world size 1 must train exactly as one process"
     assert (out / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()
+
+
+# ---- performance: full-size architectures without downloads, and the benchmark mode ----
+
+
+def test_random_init_builds_the_real_sd15_sizes():
+    """--random-init must cost what SD1.5 costs: its parts have the released checkpoints' parameter counts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = D.ARCHITECTURES["sd15"]
+    with torch.device("meta"):  # shapes only, no memory
+        counts = [sum(p.numel() for p in m.parameters()) for m in (
+            UNet2DConditionModel(**arch["unet"]), AutoencoderKL(**arch["vae"]),
+            CLIPTextModel(CLIPTextConfig(vocab_size=49408, **arch["text_encoder"])))]
+    assert counts == [859_520_964, 83_653_863, 123_060_480], counts
+
+
+def test_benchmark_smoke_on_cpu(capsys):
+    """A short --benchmark on the tiny model: the table and the per-prompt counts (no timing assertion)."""
+    spo.main(["--model", "tiny", "--random-init", "--benchmark", "1", "--steps", "6", "--divert-start-step", "2",
+              "--k", "3", "--resolution", "16", "--threshold", "0", "--out", "/nonexistent/never-written"])
+    out = capsys.readouterr().out
+    for row in ("sampling UNet", "VAE decode", "preference model", "training forward/backward", "optimizer", "TFLOP"):
+        assert row in out, f"missing {row!r} in:\n{out}"
+    # 6 steps, pools of 3 from step 2: 2 + 1 + 3 * 3 UNet samples, 3 * 4 decodes and scores, 4 pairs at threshold 0
+    assert "12 sampling UNet samples" in out and "12 VAE decodes" in out and "4.0 training pairs" in out
+    assert not Path("/nonexistent/never-written").exists()

@@ -20,6 +20,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     add("--preference-model", help="CLIP of PickScore and the SPM: hub id or folder (default: the preset's)")
     add("--preference-processor", help="PickScore's processor: hub id or folder (default: the preset's)")
     add("--preference-checkpoint", help="SPM weights: a file or owner/repo/filename (default: the preset's)")
+    add("--random-init", action="store_true", help="the preset's architecture with random weights (no download)")
+    add("--benchmark", type=int, default=0, metavar="N", help="images per second and peak memory of this sampler "
+                                                              "and of diffusers' pipeline, N timed batches; no files")
     add("--device", help="cpu or cuda[:N] (default: cuda if available)")
     add("--precision", choices=["fp16", "bf16", "fp32"], help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
@@ -120,7 +124,8 @@ def validate(args):
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
         (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
-        (args.prompt_list or exporting, "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
+        (args.prompt_list or exporting or args.benchmark, "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
+        (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
         (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
         (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
         (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),
@@ -345,9 +350,54 @@ def save_merged_pipeline(pipe, modules, scale, folder):
 # ----------------------------------------------------------------------------------------------
 # The run: load and check everything, then write.
 
+def benchmark(args, pipe):
+    """Images per second of this sampler and of diffusers' StableDiffusionPipeline on the same weights, with the
+    same DDIM scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet,
+                                        DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    b, device = args.batch_size, torch.device(args.device)
+    prompts = ((args.prompt_list or ["an image of a beautiful lake"]) * b)[:b]
+    seeds = list(range(args.seed, args.seed + b))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def ours():
+        for i in range(b) if args.eta > 0 else [slice(None)]:  # eta > 0: one image per call, see generate
+            take = lambda xs: xs[i:i + 1] if args.eta > 0 else xs
+            generate(pipe, take(prompts), take(seeds), args.steps, args.cfg, args.eta, args.height, args.width,
+                     args.negative_prompt)
+
+    def theirs():
+        reference(prompts, height=args.height, width=args.width, num_inference_steps=args.steps,
+                  guidance_scale=args.cfg, eta=args.eta, negative_prompt=[args.negative_prompt] * b, output_type="pt",
+                  generator=[torch.Generator(device).manual_seed(s) for s in seeds])
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"benchmark: {gpu}, {args.model}{' random-init' if args.random_init else ''}, {args.precision}, "
+          f"{args.steps} DDIM steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, {args.benchmark} timed")
+    for name, sampler in (("this sampler", ours), ("diffusers StableDiffusionPipeline", theirs)):
+        with torch.no_grad():
+            sampler()  # warm-up
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(args.benchmark):
+                sampler()
+            sync()
+        seconds = time.perf_counter() - start
+        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        print(f"{name:<36}{args.benchmark * b / seconds:8.2f} images/s{memory}")
+
+
 def run(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
-    pipe = Pipeline(args.pretrained, args.device, dtype)
+    pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None)
+    if args.benchmark:
+        return benchmark(args, pipe)
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
     scorers = Scorers(args) if args.score or args.eval else None
     # Everything is loaded and checked: from here on, bad input can no longer leave partial output.

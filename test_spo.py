@@ -1573,3 +1573,12 @@ def test_benchmark_smoke_on_cpu(capsys):
     # 6 steps, pools of 3 from step 2: 2 + 1 + 3 * 3 UNet samples, 3 * 4 decodes and scores, 4 pairs at threshold 0
     assert "12 sampling UNet samples" in out and "12 VAE decodes" in out and "4.0 training pairs" in out
     assert not Path("/nonexistent/never-written").exists()
+
+
+def test_sample_benchmark_smoke_on_cpu(capsys):
+    """sample.py --benchmark measures this sampler and diffusers' pipeline in one run and writes nothing."""
+    sample.main(["--model", "tiny", "--benchmark", "1", "--batch-size", "2", "--steps", "3", "--height", "16",
+                 "--width", "16", "--out", "/nonexistent/never-written"])
+    out = capsys.readouterr().out
+    assert "this sampler" in out and "diffusers StableDiffusionPipeline" in out and out.count("images/s") == 2
+    assert not Path("/nonexistent/never-written").exists()

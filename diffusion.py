@@ -414,8 +414,16 @@ def save_lora(unet, path):
 
 def load_lora(unet, path_or_state):
     """Load our/official (`unet.<m>.lora.down/up.weight`) or PEFT (`<m>.lora_A/lora_B.weight`) LoRA weights
-    into an injected UNet. Every key must land somewhere: unknown keys are an error, never a silent no-op."""
-    state = path_or_state if isinstance(path_or_state, dict) else load_safetensors(path_or_state)
+    into an injected UNet. Every key must land somewhere: unknown keys are an error, never a silent no-op, and an
+    alpha the file declares must be the model's (it sets the LoRA's scale alpha / r)."""
+    if isinstance(path_or_state, dict):
+        state = path_or_state
+    else:
+        state, declared = read_lora_file(path_or_state)
+        alpha = lora_layers(unet)[0].scale * lora_layers(unet)[0].lora.down.out_features
+        if declared["alpha"] is not None and float(declared["alpha"]) != alpha:
+            raise UserError(f"{path_or_state} was trained with LoRA alpha {declared['alpha']}, this run uses {alpha:g}: "
+                            f"pass --lora-alpha {declared['alpha']}")
     own = dict(unet.named_parameters())
     mapped, unknown = {}, []
     for key, value in state.items():

@@ -120,7 +120,13 @@ def validate(args):
     checks = [
         (args.n >= 1, f"--n must be >= 1, got {args.n}"),
         (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-        (args.eta >= 0, f"--eta must be >= 0, got {args.eta}"),
+        # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images); more steps than training steps repeat t = 1
+        (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
+        (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
+        (args.precision == "fp32" or not (args.merge or args.save_merged),
+         "--merge and --save-merged need --precision fp32: merged into fp16/bf16 weights, small LoRA updates round away"),
+        (not args.export_webui or args.export_webui.endswith(".safetensors"),
+         f"--export-webui must name a .safetensors file, got {args.export_webui}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
         (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
@@ -132,12 +138,27 @@ def validate(args):
         (not args.out.endswith(".png") or images <= 1,
          f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
         (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
-        (not Path(args.out).is_file() or args.out.endswith(".png"), f"--out {args.out} is a file, not a folder"),
         (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
         (args.device == "cpu" or args.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {args.device}"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
     ]
-    return [msg for ok, msg in checks if not ok]
+    outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
+               (args.save_merged, "--save-merged", False)]
+    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs
+                                                     if path and (msg := output_problem(path, flag, is_file))]
+
+
+def output_problem(path, flag, is_file):
+    """Why `path` cannot be written (as a file, or as a folder), or None: checked before anything is written."""
+    path = Path(path)
+    if is_file and path.is_dir():
+        return f"{flag} {path} is a folder, not a file"
+    if not is_file and path.is_file():
+        return f"{flag} {path} is a file, not a folder"
+    parent = next(p for p in path.parents if p.exists())  # the nearest existing ancestor
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"{flag} {path} cannot be created: {parent} is not a writable folder"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +212,8 @@ def lora_switch(unet, modules, scale, merge):
 @torch.no_grad()
 def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prompt=""):
     """One image per (prompt, seed), (b, 3, H, W) in [-1, 1], in one batch. Image i starts from noise drawn by a
-    generator seeded with seeds[i], as diffusers' pipeline with generator=torch.Generator().manual_seed(seed), so
+    generator on the run's device seeded with seeds[i], as diffusers' pipeline with
+    generator=torch.Generator(device).manual_seed(seed) (CPU and CUDA generators draw different numbers), so
     base and LoRA images see the same noise. With eta > 0, ddim_sample draws each step's noise from one
     generator: pass one image at a time then, or every image would share the first one's step noise."""
     assert eta == 0 or len(prompts) == 1, "with eta > 0, sample one image per call"
@@ -209,13 +231,13 @@ def image_settings(args, prompt, seed, with_lora):
     """What goes into each PNG's text chunks: everything needed to make it again, and the command that does."""
     settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
                     eta=args.eta, height=args.height, width=args.width, sampler="DDIM", model=args.model,
-                    pretrained=args.pretrained, lora="none", precision=args.precision)
+                    pretrained=args.pretrained, lora="none", precision=args.precision, device=args.device)
     if with_lora:
         settings.update(lora=args.lora, lora_scale=args.lora_scale, lora_mode="merged" if args.merge else "applied")
     command = ["python", "sample.py"]
     for key, value in settings.items():  # every setting but these two is the flag of the same name
         if key not in ("sampler", "lora_mode") and value != "none":
-            command += [f"--{key.replace('_', '-')}", str(value)]
+            command += [f"--{key.replace('_', '-')}={value}"]  # "=" keeps a prompt that starts with "-" a value
     command += ["--merge"] if with_lora and args.merge else []
     return dict(settings, command=shlex.join(command))
 

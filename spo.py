@@ -137,7 +137,9 @@ def validate(cfg):
         (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
         (0 <= cfg.divert_start_step < cfg.steps,
          f"--divert-start-step must be in [0, --steps), got {cfg.divert_start_step} with --steps {cfg.steps}"),
-        (cfg.eta > 0, f"--eta must be > 0: with eta 0 DDIM is deterministic and candidates cannot differ, got {cfg.eta}"),
+        (0 < cfg.eta <= 1, f"--eta must be in (0, 1]: at 0 DDIM is deterministic and candidates cannot differ, above 1 "
+                           f"its variance formula breaks down, got {cfg.eta}"),
+        (cfg.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {cfg.steps}"),
         (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
         (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
         (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),

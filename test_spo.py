@@ -416,6 +416,18 @@ def test_our_lora_file_loads_in_diffusers_with_the_same_output(lora_unet, tmp_pa
     torch.testing.assert_close(theirs, unet_out(unet, io), rtol=0, atol=1e-4)
 
 
+def test_lora_file_with_another_alpha_is_refused(lora_unet, tmp_path):
+    """--init-lora of a file trained with alpha 8 into a run with alpha 4 would silently halve it."""
+    unet, _ = lora_unet
+    D.inject_lora(unet, 4, 8.0)
+    D.save_lora(unet, tmp_path / "alpha8.safetensors")
+    D.load_lora(unet, tmp_path / "alpha8.safetensors")  # the same alpha loads
+    for layer in D.lora_layers(unet):
+        layer.scale = 4.0 / 4
+    with pytest.raises(UserError, match="alpha 8"):
+        D.load_lora(unet, tmp_path / "alpha8.safetensors")
+
+
 def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
     unet, _ = lora_unet
     D.inject_lora(unet, 4, 4)
@@ -605,7 +617,9 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--divert-start-step", "6"], "--divert-start-step must be in [0, --steps)"),
     (["--resolution", "30"], "multiple of 8"),
     (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1"),
-    (["--eta", "0"], "--eta must be > 0"),
+    (["--eta", "0"], "--eta must be in (0, 1]"),
+    (["--eta", "1.2"], "--eta must be in (0, 1]"),
+    (["--steps", "2000"], "--steps must be <= 1000"),
     (["--prompts", "/nonexistent/prompts.json"], "no such file"),
     (["--init-lora", "/nonexistent/lora.safetensors"], "no such file"),
     (["--resume"], "no run to resume"),
@@ -1156,7 +1170,13 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--width", "20"], "--width must be a positive multiple of 8, got 20"),
     (["--n", "0"], "--n must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--eta", "-0.5"], "--eta must be >= 0"),
+    (["--eta", "-0.5"], "--eta must be in [0, 1]"),
+    (["--eta", "1.5"], "--eta must be in [0, 1]"),
+    (["--steps", "2000"], "--steps must be <= 1000"),
+    (["--merge", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),
+    (["--export-webui", "{bad}"], "--export-webui must name a .safetensors file"),
+    (["--out", "{bad}/unknown.safetensors"], "is a file, not a folder"),
+    (["--out", "{bad}/unknown.safetensors/sub"], "cannot be created"),
     (["--prompts", "{bad}/nope.txt"], "--prompts: no such file"),
     (["--n", "2", "--out", "{out}.png"], "one PNG file but this run writes 2 images"),
     (["--compare"], "pass --lora"),

@@ -528,7 +528,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     def stop_requested(stop):  # a signal to any rank stops all of them at the same step
         return bool(all_ranks_mean(float(stop.signum is not None), world, op="sum"))
 
-    def stopped(stop, folder):
+    def stopped(folder):
         if main_rank:
             print(f"stopped by a signal: checkpoint {folder}; continue with the same command plus --resume")
 
@@ -561,7 +561,7 @@ def train(cfg, scorer=None, rank=0, world=1):
                 mine = perm[rank * share:(rank + 1) * share]
                 for start in range(start, share, tb * cfg.grad_accum):  # the last, partial group is kept
                     if stop_requested(stop):
-                        stopped(stop, checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
+                        stopped(checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
                         return None
                     group = mine[start:start + tb * cfg.grad_accum]
                     micro = [{k: pairs[k][idx] for k in ("x_t", "t", "win", "lose", "cond")} for idx in group.split(tb)]
@@ -581,7 +581,7 @@ def train(cfg, scorer=None, rank=0, world=1):
                                               f"the last good checkpoint is kept in {out / 'checkpoints'}")
                 at_save_point = cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches
                 if stop_requested(stop):
-                    stopped(stop, checkpoint((epoch, batch + 1, 0)))
+                    stopped(checkpoint((epoch, batch + 1, 0)))
                     return None
                 if at_save_point:
                     checkpoint((epoch, batch + 1, 0))

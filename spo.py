@@ -17,9 +17,11 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -97,9 +99,14 @@ CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precisio
 def parse_args(argv=None):
     """Flags, then the --model preset, then the Config defaults: the first that gives a value wins."""
     p = ArgumentParser(description=__doc__.split("\n")[0])
+    # --help shows each field's trailing comment in Config, so one line documents each setting
+    comments = dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         default = f.default
-        kw = dict(default=None, help=f"default: {default}" if default is not None else "default: from --model")
+        comment = comments.get(f.name, "")
+        tiny = f", tiny: {PRESET_OVERRIDES['tiny'][f.name]}" if f.name in PRESET_OVERRIDES["tiny"] else ""
+        kw = dict(default=None, help=comment if default is None and "default" in comment else
+                  f"{comment} (default: {'none' if default is None else default}{tiny})")
         if isinstance(default, bool):
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):

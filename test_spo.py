@@ -6,6 +6,7 @@ it (../shared/golden, see its README). Everything runs offline on CPU in well un
     python -m pytest -x -q test_spo.py
 """
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -1602,3 +1603,13 @@ def test_sample_benchmark_smoke_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "this sampler" in out and "diffusers StableDiffusionPipeline" in out and out.count("images/s") == 2
     assert not Path("/nonexistent/never-written").exists()
+
+
+def test_help_documents_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        spo.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    for f in dataclasses.fields(spo.Config):
+        assert "--" + f.name.replace("_", "-") in text, f"--help lacks --{f.name}"
+    assert "passes over the prompts (default: 10, tiny: 2)" in text and "DPO temperature (default: 10.0)" in text

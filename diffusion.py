@@ -413,37 +413,28 @@ def save_lora(unet, path):
 
 
 def load_lora(unet, path_or_state):
-    """Load our/official (`unet.<m>.lora.down/up.weight`) or PEFT (`<m>.lora_A/lora_B.weight`) LoRA weights
-    into an injected UNet. Every key must land somewhere: unknown keys are an error, never a silent no-op, and an
-    alpha the file declares must be the model's (it sets the LoRA's scale alpha / r)."""
+    """Load a LoRA in any layout lora_modules reads into the LoRALinear layers of an injected UNet (--init-lora,
+    resume). It must cover the same layers with the same rank and alpha (a file that declares none has alpha = r):
+    a LoRA loaded at another alpha would silently act at another strength."""
     if isinstance(path_or_state, dict):
-        state = path_or_state
+        source, (state, declared) = "the LoRA", (path_or_state, {"alpha": None, "alpha_pattern": {}})
     else:
-        state, declared = read_lora_file(path_or_state)
-        alpha = lora_layers(unet)[0].scale * lora_layers(unet)[0].lora.down.out_features
-        if declared["alpha"] is not None and float(declared["alpha"]) != alpha:
-            raise UserError(f"{path_or_state} was trained with LoRA alpha {declared['alpha']}, this run uses {alpha:g}: "
-                            f"pass --lora-alpha {declared['alpha']}")
-    own = dict(unet.named_parameters())
-    mapped, unknown = {}, []
-    for key, value in state.items():
-        name = key.removeprefix("unet.").replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
-        name = name.replace(".default.", ".")  # PEFT adapter name
-        if name not in own:
-            unknown.append(key)
-        elif own[name].shape != value.shape:
-            raise UserError(f"LoRA key {key} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}"
-                            " (another rank or another model family?)")
-        else:
-            mapped[name] = value
-    if unknown:
-        raise UserError(f"{len(unknown)} LoRA keys match no module of this UNet, e.g. {', '.join(unknown[:3])}")
-    missing = [n for n in own if ".lora." in n and n not in mapped]
-    if missing:
-        raise UserError(f"LoRA file lacks {len(missing)} of the model's LoRA weights, e.g. {', '.join(missing[:3])}")
+        source, (state, declared) = path_or_state, read_lora_file(path_or_state)
+    modules = lora_modules(state, declared, unet)
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
+    missing, extra = [n for n in layers if n not in modules], [n for n in modules if n not in layers]
+    if missing or extra:
+        raise UserError(f"{source} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
+                        f"{', '.join(missing[:2]) or '-'}), has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
+    for name, (down, up, alpha) in modules.items():
+        layer, rank = layers[name], layers[name].lora.down.out_features
+        if down.shape[0] != rank or alpha != layer.scale * rank:
+            raise UserError(f"{source} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
+                            f"--lora-rank {rank} --lora-alpha {layer.scale * rank:g}")
     with torch.no_grad():
-        for name, value in mapped.items():
-            own[name].copy_(value)
+        for name, (down, up, _) in modules.items():
+            layers[name].lora.down.weight.copy_(down)
+            layers[name].lora.up.weight.copy_(up)
 
 
 # Reading LoRAs made elsewhere, in each layout SPO LoRAs come in: ours and the official one
@@ -527,6 +518,7 @@ def lora_modules(tensors, declared, unet):
     result = {}
     for name, p in parts.items():
         layer = modules[name]
+        layer = layer.base if isinstance(layer, LoRALinear) else layer  # an injected UNet (load_lora)
         if not isinstance(layer, nn.Linear):
             raise UserError(f"the LoRA targets {name}, a {type(layer).__name__}; only Linear layers are supported")
         if "down" not in p or "up" not in p:
@@ -535,7 +527,7 @@ def lora_modules(tensors, declared, unet):
         down, up = p["down"], p["up"]
         if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or (
                 down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
-            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)}, which do not "
+            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, which do not "
                             f"fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
                             f"down must be (r, {layer.in_features}) and up ({layer.out_features}, r)")
         rank = down.shape[0]

@@ -25,20 +25,33 @@ SPM_HUB_REPO = "SPO-Diffusion-Models/Step-Aware_Preference_Models"  # the author
 PRESETS = {
     "sd15": dict(
         pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        vae=None,  # the pipeline's own
         resolution=512,
         spm_base="yuvalkirstain/PickScore_v1",
         spm_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         spm_checkpoint=f"{SPM_HUB_REPO}/sd-v1-5_step-aware_preference_model.bin",
     ),
-    # Random weights, built on first use: proves the machinery, not image quality.
+    "sdxl": dict(
+        pretrained="stabilityai/stable-diffusion-xl-base-1.0",
+        vae="madebyollin/sdxl-vae-fp16-fix",  # as the official run: SDXL's own VAE overflows in fp16
+        resolution=1024,
+        spm_base="yuvalkirstain/PickScore_v1",
+        spm_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        spm_checkpoint=f"{SPM_HUB_REPO}/sdxl_step-aware_preference_model.bin",
+    ),
+    # Random weights, built on first use: they prove the machinery, not image quality.
     "tiny": dict(
-        pretrained="tiny",  # resolved by tiny_pipeline_path()
+        pretrained="tiny",  # these sentinels are resolved by tiny_pipeline_path() and preference_model.tiny_spm_paths()
+        vae=None,
         resolution=32,
-        spm_base="tiny",  # resolved by preference_model.tiny_spm_paths()
+        spm_base="tiny",
         spm_processor="tiny",
         spm_checkpoint="tiny",
     ),
+    "tiny-sdxl": dict(pretrained="tiny-sdxl", vae=None, resolution=32, spm_base="tiny", spm_processor="tiny",
+                      spm_checkpoint="tiny"),
 }
+TINY_MODELS = ("tiny", "tiny-sdxl")
 
 
 def quiet_libraries():
@@ -186,65 +199,102 @@ def write_tiny_tokenizer(folder, pad_token, max_length=16):
     return tok
 
 
-# The architectures, as the released checkpoints' config.json files give them. "tiny" is built, seeded and saved
-# once (the offline test model); every entry can also be built with random weights (--random-init), to measure
-# speed and memory at full size without a download.
+# The architectures, as the released checkpoints' config.json files give them. The tiny ones are built, seeded and
+# saved once (the offline test models); every entry can also be built with random weights (--random-init), to
+# measure speed and memory at full size without a download. SDXL adds a second text encoder (OpenCLIP bigG) and
+# the UNet's "text_time" embedding of the pooled prompt and the image size (Podell et al. 2023, Sec. 2.2).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32)
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 ARCHITECTURES = {
     "tiny": dict(
-        text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32),
+        text_encoder=TINY_CLIP,
         unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                   attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)),
+        vae=TINY_VAE),
     "sd15": dict(
-        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+        text_encoder=CLIP_L,
         unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
                   attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)),
+        vae=dict(SD_VAE, sample_size=512)),
+    # SDXL's block layout in miniature: layers_per_block 2 keeps the webui (SGM) block numbers of SDXL itself.
+    "tiny-sdxl": dict(
+        text_encoder=TINY_CLIP,
+        text_encoder_2=dict(TINY_CLIP, hidden_act="gelu"),
+        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
+                  attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+        vae=dict(TINY_VAE, scaling_factor=0.13025, force_upcast=False)),
+    "sdxl": dict(
+        text_encoder=CLIP_L,
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816,  # 6 size numbers x 256 + the pooled 1280
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False)),  # the fp16-fix VAE's config
 }
 
 
 def random_pipeline_parts(model, device="cpu", folder=None):
-    """Tokenizer, text encoder, UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights. The
-    tokenizer is the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend on it.
-    It is written to folder/tokenizer, or to a temporary folder."""
+    """Tokenizer(s), text encoder(s), UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights.
+    The tokenizers are the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend
+    on it. They are written to folder/tokenizer(_2), or to a temporary folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     arch = ARCHITECTURES[model]
-    max_length = arch["text_encoder"]["max_position_embeddings"]
     folder = Path(folder or tempfile.mkdtemp())
-    tokenizer = write_tiny_tokenizer(folder / "tokenizer", "<|endoftext|>", max_length)  # pads as SD's does
-    vocab = len(tokenizer) if model == "tiny" else 49408  # CLIP's vocabulary size
-    with torch.device(device):  # initialise where the weights will live: much faster on a GPU
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab, **arch["text_encoder"], bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        unet = UNet2DConditionModel(**arch["unet"])
-        vae = AutoencoderKL(**arch["vae"])
-    scheduler = DDIMScheduler(  # SD1.5's noise schedule
+    parts = {}
+    # SD's tokenizer pads with its end token, SDXL's second one with "!" (id 0), as the released ones do.
+    for suffix, pad, cls in (("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)):
+        if "text_encoder" + suffix not in arch:
+            continue
+        config = arch["text_encoder" + suffix]
+        tokenizer = write_tiny_tokenizer(folder / f"tokenizer{suffix}", pad, config["max_position_embeddings"])
+        vocab = len(tokenizer) if model in TINY_MODELS else 49408  # CLIP's vocabulary size
+        with torch.device(device):  # initialise where the weights will live: much faster on a GPU
+            parts["text_encoder" + suffix] = cls(CLIPTextConfig(
+                vocab_size=vocab, **config, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        parts["tokenizer" + suffix] = tokenizer
+    with torch.device(device):
+        parts["unet"] = UNet2DConditionModel(**arch["unet"])
+        parts["vae"] = AutoencoderKL(**arch["vae"])
+    parts["scheduler"] = DDIMScheduler(  # the noise schedule SD1.5 and SDXL share
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler)
+    return parts
 
 
-def build_tiny_pipeline(folder):
-    """The tiny SD1.5-shaped pipeline with seeded random weights, saved as an ordinary diffusers folder."""
-    from diffusers import StableDiffusionPipeline
+def build_tiny_pipeline(folder, model):
+    """A tiny pipeline with seeded random weights, saved as an ordinary diffusers folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(0)
-    parts = random_pipeline_parts("tiny", folder=folder)
-    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+    parts = random_pipeline_parts(model, folder=folder)
+    if model == "tiny-sdxl":
+        StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True).save_pretrained(folder)
+    else:
+        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder)
 
 
-def tiny_pipeline_path():
-    return build_once("tiny-sd-v1", build_tiny_pipeline)
+def tiny_pipeline_path(model="tiny"):
+    return build_once({"tiny": "tiny-sd-v1", "tiny-sdxl": "tiny-sdxl-v1"}[model],
+                      lambda folder: build_tiny_pipeline(folder, model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,28 +340,46 @@ def resolve_file(spec, flag):
 
 
 class Pipeline:
-    """The parts of a Stable Diffusion checkpoint that SPO uses (no diffusers pipeline object)."""
+    """The parts of a Stable Diffusion (1.x or XL) checkpoint that SPO uses (no diffusers pipeline object)."""
 
-    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None):
-        """pretrained: hub id, local folder or "tiny"; random_init: an ARCHITECTURES name to build instead."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None):
+        """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
+        instead; vae: another VAE (hub id or folder) in place of the checkpoint's own."""
+        from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         quiet_libraries()
         if random_init:
             self.__dict__.update(random_pipeline_parts(random_init, device))
         else:
-            path = str(tiny_pipeline_path()) if pretrained == "tiny" else pretrained
+            path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else pretrained
             offline_if_hub_unreachable(path)
+            try:  # model_index.json says which parts the checkpoint has: SDXL's include a second text encoder
+                index = DiffusionPipeline.load_config(path)
+            except Exception as err:
+                raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                      ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]
+            if "text_encoder_2" in index:
+                parts += [("tokenizer_2", CLIPTokenizer), ("text_encoder_2", CLIPTextModelWithProjection)]
             for sub, cls in parts:
                 try:
                     setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
                 except Exception as err:
                     raise cannot_load(sub, pretrained, err, "--pretrained") from None
-        for m in (self.text_encoder, self.vae, self.unet):
+        if vae:
+            offline_if_hub_unreachable(vae)
+            try:
+                self.vae = AutoencoderKL.from_pretrained(vae)
+            except Exception as err:
+                raise cannot_load("the VAE", vae, err, "--vae") from None
+        self.is_sdxl = hasattr(self, "text_encoder_2")
+        self.encoders = [(self.tokenizer, self.text_encoder)] + (
+            [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
+        for m in (*(enc for _, enc in self.encoders), self.vae, self.unet):
             m.requires_grad_(False).eval().to(device, dtype)
+        if self.is_sdxl and self.vae.config.force_upcast:
+            self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
         self.source = pretrained
         sched = self.scheduler.config
         # DDIM as the official code configures it (DDIMScheduler.from_config of the checkpoint's scheduler).
@@ -322,10 +390,31 @@ class Pipeline:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts):
-        """SD text embeddings (b, L, D), from the SD tokenizer (never the preference model's)."""
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+    def encode_prompts(self, prompts, size):
+        """The UNet's conditioning for each prompt, a dict of tensors with the prompt as first dimension:
+        "text" (b, L, D), and for SDXL also "pooled" (b, 1280) and "time_ids" (b, 6). size: (height, width) in
+        pixels. Always the pipeline's own tokenizers, never the preference model's."""
+        hidden = []
+        for tokenizer, encoder in self.encoders:
+            ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(encoder.device), output_hidden_states=self.is_sdxl)
+            # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Sec. 2.1)
+            hidden.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
+        cond = {"text": torch.cat(hidden, dim=-1)}
+        if self.is_sdxl:
+            h, w = size  # SDXL's size conditioning: original size, crop top-left (0, 0), target size
+            cond["pooled"] = out.text_embeds  # the second encoder's projected end-of-text token
+            cond["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device).expand(len(prompts), 6)
+        return cond
+
+    @torch.no_grad()
+    def encode_negative(self, n, size, prompt=""):
+        """The conditioning CFG pushes away from, for n prompts. SDXL has force_zeros_for_empty_prompt: without
+        a negative prompt its embeddings are zeros, as in diffusers and the official SDXL training."""
+        cond = self.encode_prompts([prompt], size)
+        if self.is_sdxl and not prompt:
+            cond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
+        return take(cond, torch.zeros(n, dtype=torch.long))
 
     @torch.no_grad()
     def decode(self, latents, chunk=8):
@@ -333,6 +422,11 @@ class Pipeline:
         out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
                for z in latents.split(chunk)]
         return torch.cat(out).float()
+
+
+def take(cond, index):
+    """Rows of a conditioning dict: cond[index] for each tensor. index may repeat rows (a pool's k copies)."""
+    return {k: v[index.to(v.device) if torch.is_tensor(index) else index] for k, v in cond.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,19 +755,26 @@ def ddim_log_prob(x_prev, mean, std):
 
 def predict_noise(unet, x, t, cond, uncond, cfg):
     """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
-    x (n, c, h, w), t (n,), cond/uncond (n, L, D). Inputs go in the UNet's dtype, so this works with or without
-    autocast (LoRALinear keeps its own branch in fp32); latents and the result stay float32."""
+    x (n, c, h, w), t (n,), cond/uncond: conditioning dicts of n rows (Pipeline.encode_prompts). Inputs go in the
+    UNet's dtype, so this works with or without autocast (LoRALinear keeps its own branch in fp32); latents and
+    the result stay float32."""
     dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
+
+    def unet_call(x, t, c):
+        added = {"text_embeds": c["pooled"].to(dt), "time_ids": c["time_ids"].to(dt)} if "pooled" in c else None
+        return unet(x.to(dt), t, c["text"].to(dt), added_cond_kwargs=added).sample.float()
+
     if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
-        return unet(x.to(dt), t, cond.to(dt)).sample.float()
-    x2, c2 = torch.cat([x, x]).to(dt), torch.cat([uncond, cond]).to(dt)
-    eps_uncond, eps_cond = unet(x2, torch.cat([t, t]), c2).sample.float().chunk(2)
+        return unet_call(x, t, cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    eps_uncond, eps_cond = unet_call(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
 def ddim_sample(pipe, unet, cond, uncond, latents, steps, cfg, eta=0.0, generator=None):
-    """Plain DDIM sampling from initial latents (b, 4, h, w); returns the final latents."""
+    """Plain DDIM sampling from initial latents (b, 4, h, w) with conditioning dicts of b rows; returns the final
+    latents."""
     step_ratio = pipe.num_train_timesteps // steps
     for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
         tt = torch.full((latents.shape[0],), t, device=latents.device)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write, build_once,
                        cannot_load, ddim_step, offline_if_hub_unreachable, predict_noise, quiet_libraries, resolve_file,
-                       setup_distributed, write_tiny_tokenizer)
+                       setup_distributed, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 PREFERENCE_FLAGS = ("--preference-model", "--preference-processor", "--preference-checkpoint")  # in spo/sample
@@ -491,14 +491,15 @@ def encode_images(pipe, images, generator):
 
 
 @torch.no_grad()
-def denoised_pair(pipe, images_0, images_1, cond, uncond, t, generator, cfg_scale):
-    """The decoded one-step x0-predictions of both images at t (b,): what SPO's sampler shows the SPM."""
+def denoised_pair(pipe, images_0, images_1, cond, uncond_1, t, generator, cfg_scale):
+    """The decoded one-step x0-predictions of both images at t (b,): what SPO's sampler shows the SPM.
+    cond: the captions' conditioning (b rows), uncond_1: the negative one (1 row)."""
     latents = encode_images(pipe, torch.cat([images_0, images_1]), generator)  # (2b, c, h, w)
     noise = torch.randn(latents[:len(t)].shape, generator=generator, device=latents.device).repeat(2, 1, 1, 1)
     a = pipe.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # the forward process q(x_t | x_0)
-    eps = predict_noise(pipe.unet, x_t, torch.cat([t, t]), cond.repeat(2, 1, 1), uncond.expand(2 * len(t), -1, -1),
-                        cfg_scale)
+    rows = torch.arange(len(t)).repeat(2)  # both images of pair p see caption p
+    eps = predict_noise(pipe.unet, x_t, torch.cat([t, t]), take(cond, rows), take(uncond_1, rows * 0), cfg_scale)
     x0 = ddim_step(eps, torch.cat([t, t]), x_t, pipe.alphas_cumprod, 1, 0.0, pipe.prediction_type)[0]
     return pipe.decode(x0).chunk(2)
 
@@ -557,12 +558,13 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1):
     batch b) and sum their counts: the same numbers as one process."""
     device = model.device
     correct, count = {t: 0.0 for t in args.eval_timesteps}, 0
-    uncond = pipe.encode_prompts([""]) if pipe else None
+    pixels = (args.resolution, args.resolution)
+    uncond = pipe.encode_negative(1, pixels) if pipe else None
     rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size)
     for k, (captions, im0, im1, l0, l1, _) in enumerate(batches(rows, args.batch_size, device)):
         b = k * world + rank  # the batch's index in the whole validation set
         ids = model.tokenize(captions)
-        cond = pipe.encode_prompts(captions) if pipe else None
+        cond = pipe.encode_prompts(captions, pixels) if pipe else None
         for t in args.eval_timesteps:
             tt = torch.full((len(captions),), t, device=device)
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b * 1000 + t)
@@ -631,7 +633,7 @@ def train_command(args, rank=0, world=1):
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
 
     # Models: the frozen SD that makes the noisy x0-predictions, and the SPM, all of whose weights train.
-    pipe = Pipeline(args.pretrained, device, dtype)
+    pipe = Pipeline(args.pretrained, device, dtype, vae=args.vae)
     model = StepAwarePreferenceModel.from_pretrained(args.base, args.processor, args.init_checkpoint)
     if args.init_checkpoint is None:  # again, from our seed: loading the CLIP may draw from the global RNG
         torch.manual_seed(args.seed)
@@ -687,7 +689,8 @@ def train_command(args, rank=0, world=1):
         print(f"{sum(u[3] for u in train_units)} training pairs; {args.batch_size} pairs x {args.grad_accum} "
               f"accumulation x {world} {'rank' if world == 1 else 'ranks'} = "
               f"{args.batch_size * args.grad_accum * world} pairs per update; steps {step}..{args.max_steps}")
-    uncond = pipe.encode_prompts([""])  # (1, L, D): the empty negative prompt of CFG
+    pixels = (args.resolution, args.resolution)
+    uncond = pipe.encode_negative(1, pixels)  # one row: the empty negative prompt of CFG
     # Each rank's share of one endless shuffled stream (epochs repeat): no rank ever runs out before another.
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
                      rank=rank, world=world)
@@ -705,7 +708,7 @@ def train_command(args, rank=0, world=1):
             # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + micro * world + rank)
             t = torch.randint(0, pipe.num_train_timesteps, (len(captions),), generator=gen, device=device)
-            x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions), uncond, t, gen, args.cfg)
+            x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions, pixels), uncond, t, gen, args.cfg)
             sync = world == 1 or i == args.grad_accum - 1  # all-reduce the gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else scorer.no_sync():
                 with autocast:
@@ -737,7 +740,7 @@ def train_command(args, rank=0, world=1):
 def eval_command(args, rank=0, world=1):
     units = row_groups(find_shards(args.data, SPLITS["validation"]))
     device, dtype, autocast = precision_setup(args, world)
-    pipe = Pipeline(args.pretrained, device, dtype) if any(t > 0 for t in args.eval_timesteps) else None
+    pipe = Pipeline(args.pretrained, device, dtype, vae=args.vae) if any(t > 0 for t in args.eval_timesteps) else None
     model = load_preference_model(args.kind, args.base, args.processor, args.checkpoint, device=device)
     accuracy, count = evaluate(model, pipe, units, args, autocast, rank, world)
     if rank == 0:
@@ -757,6 +760,9 @@ TRAIN_DEFAULTS = {
     "tiny": dict(max_steps=60, eval_every=30, batch_size=16, grad_accum=1, lr=1e-3, weight_decay=0.0,
                  warmup_steps=5),  # a demonstration, as spo.py --model tiny
 }
+# SDXL's SPM (the reference's sdxl_spm task): 1024 px, lr 1e-6 for 7000 steps, otherwise as SD1.5.
+TRAIN_DEFAULTS["sdxl"] = dict(TRAIN_DEFAULTS["sd15"], max_steps=7000, lr=1e-6)
+TRAIN_DEFAULTS["tiny-sdxl"] = TRAIN_DEFAULTS["tiny"]
 EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
 
 
@@ -790,7 +796,7 @@ def fill_defaults(args):
     """Flags, then the --model preset: the first that gives a value wins. Returns the problems found without
     loading any model, so a typo costs a second and writes nothing."""
     preset = PRESETS[args.model]
-    for key, value in dict(pretrained=preset["pretrained"], resolution=preset["resolution"],
+    for key, value in dict(pretrained=preset["pretrained"], vae=preset["vae"], resolution=preset["resolution"],
                            base=preset["spm_base"], processor=preset["spm_processor"],
                            **TRAIN_DEFAULTS[args.model] if args.command == "train" else {}).items():
         if getattr(args, key, "absent") is None:
@@ -845,6 +851,7 @@ def main(argv=None):
         p.add_argument("--data", required=True, help="folder of train-*/validation_unique-*.parquet, or a hub id")
         p.add_argument("--model", choices=list(PRESETS), default="sd15", help="preset that supplies the defaults")
         p.add_argument("--pretrained", help="SD model for the noisy x0-predictions: hub id or folder")
+        p.add_argument("--vae", help="another VAE (hub id or folder) for the SD model; default from the preset")
         p.add_argument("--base", help="the SPM's CLIP (default: the preset's PickScore)")
         p.add_argument("--processor", help="the SPM's tokenizer + image settings (default: the preset's)")
         p.add_argument("--resolution", type=int, help="SD resolution the images are resized to (default: preset)")

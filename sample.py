@@ -5,6 +5,7 @@
     python sample.py --prompt "a red dog" --n 4 --lora runs/sd15 --compare --score   # base | LoRA, same noise
     python sample.py --lora runs/sd15 --eval prompts.txt --steps 20 --cfg 5          # the paper's eval protocol
     python sample.py --lora runs/sd15 --save-merged runs/sd15-merged --export-webui runs/sd15-webui.safetensors
+    python sample.py --model sdxl --prompt "a child and a penguin" --lora SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA
 
 Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses) from noise drawn by a generator seeded
 with the image's own seed, so an image with and without the LoRA starts from the same noise and differs only by
@@ -33,12 +34,13 @@ from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora,
 from preference_model import PREFERENCE_FLAGS, load_preference_model, tiny_spm_paths
 
 # ----------------------------------------------------------------------------------------------
-# Defaults per preset, as the released models' example usage. An sdxl entry would add guidance 5.0 and the
-# fp16-fix VAE here, next to its PRESETS entry in diffusion.py and a Pipeline that knows its two text encoders.
+# Defaults per preset, as the released models' example usage (resolution and VAE come from PRESETS).
 
 SAMPLING = {
-    "sd15": dict(steps=50, cfg=7.5),  # resolution 512 from PRESETS
-    "tiny": dict(steps=20, cfg=7.5),  # resolution 32
+    "sd15": dict(steps=50, cfg=7.5),
+    "sdxl": dict(steps=50, cfg=5.0),  # the official inference_spo_sdxl.py
+    "tiny": dict(steps=20, cfg=7.5),
+    "tiny-sdxl": dict(steps=20, cfg=5.0),
 }
 PAPER_EVAL = "--steps 20 --cfg 5"  # the paper's evaluation protocol: DDIM, 20 steps, guidance 5.0
 GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row each), so it stays viewable
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     add("--prompts", help="a file of prompts: one a line, or a JSON list of strings or of {\"caption\": ...}")
     add("--model", choices=list(SAMPLING), default="sd15", help="preset: base model and defaults (sd15)")
     add("--pretrained", help="hub id or diffusers folder, e.g. a merged SPO checkpoint (default: the preset's)")
+    add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
     add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
                        "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
     add("--lora-scale", type=float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
@@ -90,6 +93,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = PRESETS[args.model]
     args.pretrained = args.pretrained or preset["pretrained"]
+    args.vae = args.vae or preset["vae"]
     args.steps = SAMPLING[args.model]["steps"] if args.steps is None else args.steps
     args.cfg = SAMPLING[args.model]["cfg"] if args.cfg is None else args.cfg
     args.height = args.height or preset["resolution"]
@@ -221,8 +225,8 @@ def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prom
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     latents = torch.cat([torch.randn(shape, generator=g, device=device) for g in generators])  # (b, 4, h, w)
-    cond = pipe.encode_prompts(prompts)  # (b, L, D)
-    uncond = pipe.encode_prompts([negative_prompt]).expand_as(cond)
+    cond = pipe.encode_prompts(prompts, (height, width))
+    uncond = pipe.encode_negative(len(prompts), (height, width), negative_prompt)
     latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators[0])
     return pipe.decode(latents)
 
@@ -231,7 +235,8 @@ def image_settings(args, prompt, seed, with_lora):
     """What goes into each PNG's text chunks: everything needed to make it again, and the command that does."""
     settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
                     eta=args.eta, height=args.height, width=args.width, sampler="DDIM", model=args.model,
-                    pretrained=args.pretrained, lora="none", precision=args.precision, device=args.device)
+                    pretrained=args.pretrained, vae=args.vae or "none", lora="none", precision=args.precision,
+                    device=args.device)
     if with_lora:
         settings.update(lora=args.lora, lora_scale=args.lora_scale, lora_mode="merged" if args.merge else "applied")
     command = ["python", "sample.py"]
@@ -351,19 +356,28 @@ def summarize(base, lora):
 # ----------------------------------------------------------------------------------------------
 # Exports.
 
+def diffusers_pipeline(pipe):
+    """Our parts as diffusers' own StableDiffusion(XL)Pipeline, with DDIM: the reference sampler and the format
+    of merged checkpoints."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if pipe.is_sdxl:
+        return StableDiffusionXLPipeline(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
+                                         pipe.tokenizer_2, pipe.unet, scheduler, force_zeros_for_empty_prompt=True)
+    return StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def save_merged_pipeline(pipe, modules, scale, folder):
     """A complete diffusers pipeline folder with the LoRA merged into the UNet (what the released merged SPO
     checkpoints are): written under a temporary name and renamed, so the folder is whole or absent."""
-    from diffusers import StableDiffusionPipeline
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         with lora_merged(pipe.unet, modules, scale):
-            StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler,
-                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                                    ).save_pretrained(tmp)
+            diffusers_pipeline(pipe).save_pretrained(tmp)
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -373,13 +387,9 @@ def save_merged_pipeline(pipe, modules, scale, folder):
 # The run: load and check everything, then write.
 
 def benchmark(args, pipe):
-    """Images per second of this sampler and of diffusers' StableDiffusionPipeline on the same weights, with the
-    same DDIM scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    reference = StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet,
-                                        DDIMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
-                                        feature_extractor=None, requires_safety_checker=False)
+    """Images per second of this sampler and of diffusers' StableDiffusion(XL)Pipeline on the same weights, with
+    the same DDIM scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
+    reference = diffusers_pipeline(pipe)
     reference.set_progress_bar_config(disable=True)
     b, device = args.batch_size, torch.device(args.device)
     prompts = ((args.prompt_list or ["an image of a beautiful lake"]) * b)[:b]
@@ -394,13 +404,13 @@ def benchmark(args, pipe):
 
     def theirs():
         reference(prompts, height=args.height, width=args.width, num_inference_steps=args.steps,
-                  guidance_scale=args.cfg, eta=args.eta, negative_prompt=[args.negative_prompt] * b, output_type="pt",
+                  guidance_scale=args.cfg, eta=args.eta, negative_prompt=[args.negative_prompt] * b if args.negative_prompt else None, output_type="pt",
                   generator=[torch.Generator(device).manual_seed(s) for s in seeds])
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"benchmark: {gpu}, {args.model}{' random-init' if args.random_init else ''}, {args.precision}, "
           f"{args.steps} DDIM steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, {args.benchmark} timed")
-    for name, sampler in (("this sampler", ours), ("diffusers StableDiffusionPipeline", theirs)):
+    for name, sampler in (("this sampler", ours), (f"diffusers {type(reference).__name__}", theirs)):
         with torch.no_grad():
             sampler()  # warm-up
             sync()
@@ -417,7 +427,8 @@ def benchmark(args, pipe):
 
 def run(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
-    pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None)
+    pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None,
+                    vae=args.vae)
     if args.benchmark:
         return benchmark(args, pipe)
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None

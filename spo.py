@@ -3,12 +3,14 @@
     python spo.py --model tiny --out runs/tiny          # the whole algorithm offline, tiny random models, CPU
     python spo.py --model sd15 --prompts 4k_training_prompts.json --out runs/sd15
     python spo.py --model sd15 --prompts ... --out runs/sd15 --resume   # continue from the newest checkpoint
+    python spo.py --model sdxl --prompts 4k_training_prompts.json --out runs/sdxl
 
 Per batch of prompts, SPO does two phases:
   SAMPLING  sample_candidate_pool: DDIM from noise. From `divert_start_step` on, every step draws a pool of k
             candidates x_{t-1} from one shared x_t; the step-aware preference model judges them (on their
             decoded x0-predictions, at their own noise level), pick_win_lose keeps the best and the worst when
-            they differ enough, and the chain continues from a random member of the pool.
+            they differ enough, and the chain continues from a random member of the pool. (SDXL: each candidate
+            first takes `num_inner_step` more steps of its own, and all of them become pairs.)
   TRAINING  spo_loss on each kept (x_t, winner, loser): a DPO-style loss on the clipped likelihood ratios of
             the two children under the policy (UNet + LoRA) and the frozen reference (the same UNet, LoRA off).
 The math matches the authors' code (checked against their vectors in ../shared/golden, see test_spo.py).
@@ -35,9 +37,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write, ddim_log_prob,
-                       ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora, load_safetensors, lora_disabled,
-                       predict_noise, read_prompts, save_grid, save_lora, setup_distributed)
+from diffusion import (PRESETS, TINY_MODELS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write,
+                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora, load_safetensors,
+                       lora_disabled, predict_noise, read_prompts, save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -46,8 +48,9 @@ from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 @dataclass
 class Config:
-    model: str = "sd15"  # tiny | sd15: picks the preset below
+    model: str = "sd15"  # sd15 | sdxl | tiny | tiny-sdxl: picks the preset below
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
+    vae: str = None  # another VAE (hub id or folder) in place of the pipeline's; default from the preset
     prompts: str = None  # JSON list of {"caption": ...} or a text file, one prompt a line
     out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
     resume: bool = False  # continue the run in --out from its newest checkpoint
@@ -65,6 +68,8 @@ class Config:
     cfg: float = 5.0  # classifier-free guidance scale, in sampling and in training
     divert_start_step: int = 4  # first step that draws a candidate pool; earlier steps are plain DDIM
     k: int = 4  # candidates per pool
+    num_inner_step: int = 0  # steps each candidate takes on its own before the pool is judged (SDXL: 3)
+    pool_at_last_step: bool = True  # the last step draws a pool too (SD1.5 reference); else it joins the last chunk (SDXL)
     threshold: float = 0.3  # keep a pair only if softmax([s_win, s_lose])[0] - [1] > threshold
     beta: float = 10.0  # DPO temperature
     eps: float = 0.1  # likelihood ratios are clamped to [1 - eps, 1 + eps]
@@ -78,6 +83,7 @@ class Config:
     max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower training
     device: str = None  # default cuda if available
     save_every: int = 0  # also checkpoint every N prompt batches (0: only at epoch ends)
     keep: int = 0  # keep the newest N checkpoints (0: all)
@@ -89,8 +95,16 @@ class Config:
 
 
 # Per preset: where the models come from, and the settings that differ from the paper's defaults above.
+# SDXL: the official configs/spo_sdxl_4k-prompts_num-sam-2_3-is_10ep_bs2_gradacc2.py.
 # The tiny random SPM's scores of one pool spread by about 0.1, so the paper's threshold would keep nothing.
-PRESET_OVERRIDES = {"sd15": {}, "tiny": {"epochs": 2, "sample_batch_size": 4, "train_batch_size": 8, "threshold": 0.01}}
+SDXL_SETTINGS = {"k": 2, "num_inner_step": 3, "pool_at_last_step": False}
+PRESET_OVERRIDES = {
+    "sd15": {},
+    "sdxl": {**SDXL_SETTINGS, "lora_rank": 64, "lora_alpha": 64.0, "lr": 1e-5, "threshold": 0.4,
+             "sample_batch_size": 2, "train_batch_size": 2, "grad_accum": 2},
+    "tiny": {"epochs": 2, "sample_batch_size": 4, "train_batch_size": 8, "threshold": 0.01},
+    "tiny-sdxl": {**SDXL_SETTINGS, "epochs": 2, "sample_batch_size": 4, "train_batch_size": 8, "threshold": 0.01},
+}
 TINY_PROMPTS = ["a photo of a cat", "a red dog", "a beautiful lake", "an image of the lake", "a cat on a dog",
                 "a photo of a red lake", "the dog", "a beautiful photo of a cat"]
 CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"]}
@@ -104,9 +118,9 @@ def parse_args(argv=None):
     for f in dataclasses.fields(Config):
         default = f.default
         comment = comments.get(f.name, "")
-        tiny = f", tiny: {PRESET_OVERRIDES['tiny'][f.name]}" if f.name in PRESET_OVERRIDES["tiny"] else ""
+        presets = "".join(f", {m}: {o[f.name]}" for m, o in PRESET_OVERRIDES.items() if f.name in o)
         kw = dict(default=None, help=comment if default is None and "default" in comment else
-                  f"{comment} (default: {'none' if default is None else default}{tiny})")
+                  f"{comment} (default: {'none' if default is None else default}{presets})")
         if isinstance(default, bool):
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
@@ -117,7 +131,7 @@ def parse_args(argv=None):
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     model = args.get("model", Config.model)
     preset = PRESETS[model]
-    from_preset = {"pretrained": preset["pretrained"], "resolution": preset["resolution"],
+    from_preset = {"pretrained": preset["pretrained"], "vae": preset["vae"], "resolution": preset["resolution"],
                    "preference_model": preset["spm_base"], "preference_processor": preset["spm_processor"],
                    # plain PickScore has no time conditioning, so no SPM checkpoint applies to it
                    "preference_checkpoint": preset["spm_checkpoint"] if args.get("preference") != "pickscore" else None,
@@ -142,8 +156,11 @@ def validate(cfg):
         (0 < cfg.eps < 1, f"--eps must be in (0, 1), got {cfg.eps}"),
         (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
         (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
-        (0 <= cfg.divert_start_step < cfg.steps,
-         f"--divert-start-step must be in [0, --steps), got {cfg.divert_start_step} with --steps {cfg.steps}"),
+        (0 <= cfg.divert_start_step < cfg.steps - (0 if cfg.pool_at_last_step else 1),
+         f"--divert-start-step must be in [0, --steps{'' if cfg.pool_at_last_step else ' - 1'}), got "
+         f"{cfg.divert_start_step} with --steps {cfg.steps}"
+         + ("" if cfg.pool_at_last_step else " (without --pool-at-last-step the last step cannot start a pool)")),
+        (cfg.num_inner_step >= 0, f"--num-inner-step must be >= 0, got {cfg.num_inner_step}"),
         (0 < cfg.eta <= 1, f"--eta must be in (0, 1]: at 0 DDIM is deterministic and candidates cannot differ, above 1 "
                            f"its variance formula breaks down, got {cfg.eta}"),
         (cfg.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {cfg.steps}"),
@@ -159,7 +176,7 @@ def validate(cfg):
         (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
         (cfg.resolution % 8 == 0 and cfg.resolution > 0, f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
-        (cfg.model == "tiny" or cfg.prompts or cfg.benchmark,
+        (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
          f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
         (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
         (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
@@ -197,61 +214,80 @@ def pick_win_lose(scores, threshold):
     return win, lose, p[0] - p[1] > threshold
 
 
+COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
+NOT_PAIRS = ("scores", "perm")  # what rides along with the pairs but is not a pair's
+
+
+def pool_steps(cfg):
+    """Indices of the steps that draw a candidate pool: from divert_start_step on, every (num_inner_step + 1)-th
+    step, for SD1.5 (num_inner_step 0) every step. The SDXL reference never starts a pool at the last step: steps
+    left over join the last chunk (its multi_sample_pipeline_sdxl)."""
+    end = cfg.steps if cfg.pool_at_last_step else cfg.steps - 1
+    return list(range(cfg.divert_start_step, end, cfg.num_inner_step + 1))
+
+
 @torch.no_grad()
 def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     """Run one batch of prompts through the SPO sampler and return the kept training pairs.
 
-    cond/uncond: SD text embeddings (b, L, D). score_fn(images (n, 3, H, W), timesteps (n,)) -> (n,) scores,
-    already bound to the batch's prompts, sample-major: index j * b + p is candidate j of prompt p.
-    Random draws follow the official order exactly (golden README section 9), so a CPU run is bit-exact.
-    Returns dict(x_t, t, win, lose, cond) for the kept pairs (V, ...) and all scores."""
-    b, k, device = cond.shape[0], cfg.k, cond.device
+    cond/uncond: conditioning dicts of b rows (Pipeline.encode_prompts). score_fn(images (n, 3, H, W), timesteps
+    (n,)) -> (n,) scores, already bound to the batch's prompts, sample-major: index j * b + p is candidate j of
+    prompt p. Random draws follow the official order exactly (golden README section 9), so a CPU run is bit-exact.
+    Returns the kept pairs, dict(x_t, x_t_lose, t, win, lose, **cond) with V rows, and all scores."""
+    b, k, device = len(cond["text"]), cfg.k, cond["text"].device
     step_ratio = pipe.num_train_timesteps // cfg.steps
     timesteps = ddim_timesteps(cfg.steps, pipe.num_train_timesteps, pipe.steps_offset).to(device)
+    pools = pool_steps(cfg)
     size = cfg.resolution // pipe.vae_scale
     step = lambda eps, t, x: ddim_step(eps, t, x, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     randn = lambda *shape: torch.randn(shape, generator=generator, device=device)
+    members = torch.arange(b, device=device).repeat(k)  # row of each flattened pool member's prompt: j * b + p -> p
+    kept, all_scores = [], []
 
-    x = randn(b, unet.config.in_channels, size, size)
-    parent, kept, all_scores = x, [], []
-    children = t_parent = None  # the pool (k, b, c, h, w) and its parent's timestep, from the divert step on
-
-    def judge(children, images, t_children, t_parent):
-        # Score the pool, keep (parent, winner, loser) where the preference is clear. The pair is labelled
-        # with the parent's timestep: it trains the step x_t -> x_{t-1} (golden README N7).
-        scores = score_fn(images, t_children.expand(k * b)).float()
+    def judge(images, t_images, chunk):
+        # Score the pool, and for prompts where the preference is clear keep every transition of the winner's and
+        # the loser's chunk as a pair (x_t, x_t_lose -> win, lose), labelled with the timestep it was taken at:
+        # it trains the step x_t -> x_{t-1} (golden README N7).
+        scores = score_fn(images, t_images.expand(k * b)).float()
         all_scores.append(scores)
         win, lose, valid = pick_win_lose(scores.view(k, b), cfg.threshold)  # (k * b,) -> (k, b)
         p = torch.arange(b, device=device)
-        kept.append(dict(x_t=parent[valid], t=t_parent.expand(b)[valid], win=children[win, p][valid],
-                         lose=children[lose, p][valid], cond=cond[valid]))
+        for parents, children, t in chunk:  # each (k, b, c, h, w), and the parents' timestep
+            kept.append(dict(x_t=parents[win, p][valid], x_t_lose=parents[lose, p][valid], t=t.expand(b)[valid],
+                             win=children[win, p][valid], lose=children[lose, p][valid], **take(cond, p[valid])))
 
+    x = randn(b, unet.config.in_channels, size, size)
+    pool = chunk = None  # the candidates (k, b, c, h, w), and the transitions that led to them since the last pool
     for i, t in enumerate(timesteps):
         if i < cfg.divert_start_step:  # plain stochastic DDIM on one trajectory per prompt
             eps = predict_noise(unet, x, t.expand(b), cond, uncond, cfg.cfg)
             _, _, mean, std = step(eps, t, x)
             x = mean + std.view(-1, 1, 1, 1) * randn(b, *x.shape[1:])
-            parent = x
             continue
-        if i == cfg.divert_start_step:  # first pool: k children of the shared x_t
-            eps = predict_noise(unet, parent, t.expand(b), cond, uncond, cfg.cfg)
-            _, _, mean, std = step(eps, t, parent)
+        if i == cfg.divert_start_step:  # the first pool: k children of each prompt's x_t
+            eps = predict_noise(unet, x, t.expand(b), cond, uncond, cfg.cfg)
+            _, _, mean, std = step(eps, t, x)
         else:
-            # One UNet pass over the whole pool gives each child's x0-prediction at the child's own timestep t;
-            # the step-aware preference model judges those decoded x0 at t.
-            flat = children.flatten(0, 1)  # (k, b, c, h, w) -> (k * b, c, h, w)
-            eps = predict_noise(unet, flat, t.expand(k * b), cond.repeat(k, 1, 1), uncond.repeat(k, 1, 1), cfg.cfg)
+            # One UNet pass over the whole pool gives each member's next step and its x0-prediction at t.
+            flat = pool.flatten(0, 1)  # (k, b, c, h, w) -> (k * b, c, h, w)
+            eps = predict_noise(unet, flat, t.expand(k * b), take(cond, members), take(uncond, members), cfg.cfg)
             x0, _, mean, std = step(eps, t, flat)
-            judge(children, pipe.decode(x0), t, t_parent)
-            # Continue from a uniformly random child, not the winner (as the official code), reusing its
-            # noise prediction to draw the next pool.
+            if i not in pools:  # an inner step (SDXL): every member goes on by itself
+                children = (mean + std.view(-1, 1, 1, 1) * randn(k * b, *flat.shape[1:])).view(pool.shape)
+                chunk.append((pool, children, t))
+                pool = children
+                continue
+            # The step-aware preference model judges the decoded x0-predictions at the members' own timestep t.
+            judge(pipe.decode(x0), t, chunk)
+            # Continue from a uniformly random member, not the winner (as the official code), reusing its noise
+            # prediction to draw the next pool.
             idx = torch.randint(0, k, (b,), generator=generator, device=device)
-            pick = idx * b + torch.arange(b, device=device)  # flat index of child idx[p] of prompt p
-            parent, mean, std = flat[pick], mean[pick], std[pick]
-        children = mean[None] + std.view(1, -1, 1, 1, 1) * randn(k, *mean.shape)  # (k, b, c, h, w)
-        t_parent = t
-    # After the last step the children are images: score them themselves, at t = 0.
-    judge(children, pipe.decode(children.flatten(0, 1)), torch.zeros_like(t_parent), t_parent)
+            pick = idx * b + torch.arange(b, device=device)  # flat index of member idx[p] of prompt p
+            x, mean, std = flat[pick], mean[pick], std[pick]
+        pool = mean[None] + std.view(1, -1, 1, 1, 1) * randn(k, *mean.shape)  # (k, b, c, h, w)
+        chunk = [(x.expand(k, *x.shape), pool, t)]  # the pool's members share their parent x_t
+    # After the last step the members are images: score them themselves, at t = 0.
+    judge(pipe.decode(pool.flatten(0, 1)), torch.zeros_like(t), chunk)
     pairs = {key: torch.cat([d[key] for d in kept]) for key in kept[0]}
     return pairs, torch.cat(all_scores)
 
@@ -260,21 +296,32 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
 # TRAINING: the SPO loss on the kept pairs.
 
 
-def pair_log_probs(pipe, policy, reference, pairs, uncond, cfg):
-    """log p(winner | x_t) and log p(loser | x_t) under the policy (with grad) and the reference (no grad).
-    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper."""
-    x_t, t, cond = pairs["x_t"], pairs["t"], pairs["cond"]
+def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
+    """log p(winner | x_t) and log p(loser | x_t_lose) under the policy (with grad) and the reference (no grad).
+    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper. uncond_1: the
+    negative conditioning, one row."""
+    n = len(pairs["t"])
+    # Deliberate difference from the official code, same math: where winner and loser share x_t (every pair of
+    # SD1.5, the first of each SDXL chunk), one forward serves both (the official code runs two). Inner SDXL
+    # transitions have a parent each, and the loser's gets its own row.
+    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1)  # (n,)
+    rows = torch.cat([torch.arange(n, device=own.device), own.nonzero()[:, 0]])  # the pair behind each UNet row
+    lose_row = torch.arange(n, device=own.device)
+    lose_row[own] = n + torch.arange(int(own.sum()), device=own.device)
+    x_t, t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]]), pairs["t"][rows]
+    cond = {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
+    uncond = take(uncond_1, torch.zeros_like(rows))
     step_ratio = pipe.num_train_timesteps // cfg.steps
-    # Deliberate difference from the official code, same math: winner and loser share x_t, t and the prompt,
-    # so one policy forward and one reference forward serve both (the official code runs four).
     eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
     # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
     with torch.no_grad(), lora_disabled(reference):
         eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
     _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
-    lp = lambda child, m: ddim_log_prob(child, m, std)
-    return lp(pairs["win"], mean), lp(pairs["lose"], mean), lp(pairs["win"], mean_ref), lp(pairs["lose"], mean_ref)
+    lp = lambda child, m, row: ddim_log_prob(child, m[row], std[row])
+    win_row = torch.arange(n, device=own.device)
+    return (lp(pairs["win"], mean, win_row), lp(pairs["lose"], mean, lose_row),
+            lp(pairs["win"], mean_ref, win_row), lp(pairs["lose"], mean_ref, lose_row))
 
 
 def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
@@ -309,14 +356,14 @@ def make_score_fn(scorer, prompts, k):
 @torch.no_grad()
 def save_validation_grid(pipe, unet, cfg, path):
     """Fixed prompts and seeds, plain DDIM (eta 0) as the official validation, one image per (prompt, seed)."""
-    size = cfg.resolution // pipe.vae_scale
-    uncond = pipe.encode_prompts([""])
+    size, pixels = cfg.resolution // pipe.vae_scale, (cfg.resolution, cfg.resolution)
+    uncond = pipe.encode_negative(1, pixels)
     images = []
     for prompt in cfg.validation_prompts:
-        cond = pipe.encode_prompts([prompt])
+        cond = pipe.encode_prompts([prompt], pixels)
         for seed in cfg.validation_seeds:
-            gen = torch.Generator(cond.device).manual_seed(seed)
-            z = torch.randn((1, unet.config.in_channels, size, size), generator=gen, device=cond.device)
+            gen = torch.Generator(pipe.unet.device).manual_seed(seed)
+            z = torch.randn((1, unet.config.in_channels, size, size), generator=gen, device=pipe.unet.device)
             images.append(pipe.decode(ddim_sample(pipe, unet, cond, uncond, z, cfg.steps, cfg.cfg)))
     save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
 
@@ -427,7 +474,7 @@ def optimizer_step(pipe, policy, reference, micro_batches, uncond_1, params, opt
         sync = world == 1 or i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else policy.no_sync():
             with autocast:
-                logps = pair_log_probs(pipe, policy, reference, mb, uncond_1.expand_as(mb["cond"]), cfg)
+                logps = pair_log_probs(pipe, policy, reference, mb, uncond_1, cfg)
             loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
             scaler.scale(loss / len(micro_batches)).backward()
         records.append((loss.item(), ratio_w.mean().item(), ratio_l.mean().item()))
@@ -455,13 +502,15 @@ def setup_models(cfg, scorer=None, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    pipe = Pipeline(cfg.pretrained, device, dtype, random_init=cfg.model if cfg.random_init else None)
+    pipe = Pipeline(cfg.pretrained, device, dtype, random_init=cfg.model if cfg.random_init else None, vae=cfg.vae)
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
         load_lora(pipe.unet, cfg.init_lora)
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     # pipe.unet stays the uncompiled handle (saving, LoRA switching). Sampling and the reference need no
     # gradient sync; the policy forward of training goes through DDP, which all-reduces only the LoRA gradients.
     unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
@@ -473,7 +522,7 @@ def setup_models(cfg, scorer=None, world=1):
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
                                              cfg.preference_checkpoint, device=device, dtype=torch.float32,
                                              flags=PREFERENCE_FLAGS,
-                                             random_init=cfg.random_init and cfg.model != "tiny")  # tiny: already random
+                                             random_init=cfg.random_init and cfg.model not in TINY_MODELS)
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     return SimpleNamespace(device=device, autocast=autocast, scaler=scaler, pipe=pipe, unet=unet, policy=policy,
                            scorer=scorer, lora_params=lora_params, optimizer=optimizer)
@@ -518,14 +567,15 @@ def train(cfg, scorer=None, rank=0, world=1):
             lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
 
-    uncond_1 = pipe.encode_prompts([""])  # (1, L, D): the empty-prompt negative
+    pixels = (cfg.resolution, cfg.resolution)
+    uncond_1 = pipe.encode_negative(1, pixels)  # one row: the empty-prompt negative
     b, tb = cfg.sample_batch_size, cfg.train_batch_size
     n_batches = math.ceil(len(rank_prompts(list(range(len(prompts))), 0, world)) / b)
     unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
     if main_rank:
         print(f"{len(prompts)} prompts; per epoch {n_batches} batches of {b} prompts on each of {world} ranks; "
               f"{cfg.epochs} epochs\nper prompt: {unet_calls} sampling UNet calls (CFG-batched), "
-              f"{cfg.k * (cfg.steps - cfg.divert_start_step)} VAE decodes and preference scores, at most "
+              f"{cfg.k * len(pool_steps(cfg))} VAE decodes and preference scores, at most "
               f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")
 
     def checkpoint(position, pending=None):
@@ -549,15 +599,16 @@ def train(cfg, scorer=None, rank=0, world=1):
             for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches,
                               leave=False, disable=not main_rank):
                 if pending is not None:  # resuming in the middle of this batch
-                    pairs = {key: pending[key] for key in ("x_t", "t", "win", "lose", "cond", "scores")}
+                    pairs = {key: v for key, v in pending.items() if key != "perm"}
                     perm, start, pending = pending["perm"], position[2], None
                 else:
                     ######## SAMPLING ########
                     batch_prompts = my_prompts[batch * b:(batch + 1) * b]
                     gen = torch.Generator(device).manual_seed(derived_seed(cfg, "sample", epoch, batch, rank))
-                    cond = pipe.encode_prompts(batch_prompts)
+                    cond = pipe.encode_prompts(batch_prompts, pixels)
+                    uncond = take(uncond_1, torch.zeros(len(batch_prompts), dtype=torch.long))
                     with autocast:
-                        pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond_1.expand_as(cond),
+                        pairs, scores = sample_candidate_pool(pipe, unet, cond, uncond,
                                                               make_score_fn(scorer, batch_prompts, cfg.k), cfg, gen)
                     pairs = exchange_pairs({**pairs, "scores": scores}, world)  # scores ride along for the metrics
                     # One shuffle of the pooled pairs, the same on every rank.
@@ -571,7 +622,7 @@ def train(cfg, scorer=None, rank=0, world=1):
                         stopped(checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
                         return None
                     group = mine[start:start + tb * cfg.grad_accum]
-                    micro = [{k: pairs[k][idx] for k in ("x_t", "t", "win", "lose", "cond")} for idx in group.split(tb)]
+                    micro = [{k: v[idx] for k, v in pairs.items() if k not in NOT_PAIRS} for idx in group.split(tb)]
                     record = optimizer_step(pipe, policy, unet, micro, uncond_1, lora_params, optimizer, scaler,
                                             autocast, cfg, world)
                     global_step += 1
@@ -642,7 +693,8 @@ def benchmark(cfg):
     m.scorer.score = timer.wrap("preference model", m.scorer.score, lambda images, *a, **kw: len(images))
     m.scorer.encode_text = timer.wrap("preference text", m.scorer.encode_text, lambda ids: len(ids))
     m.optimizer.step = timer.wrap("optimizer", m.optimizer.step)
-    uncond_1 = pipe.encode_prompts([""])
+    pixels = (cfg.resolution, cfg.resolution)
+    uncond_1 = pipe.encode_negative(1, pixels)
     prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
     memory, flops = {}, 0
     for batch in range(1 + cfg.benchmark):
@@ -653,10 +705,11 @@ def benchmark(cfg):
             if m.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(m.device)
             gen = torch.Generator(m.device).manual_seed(derived_seed(cfg, "benchmark", batch))
-            cond = pipe.encode_prompts(prompts)
+            cond = pipe.encode_prompts(prompts, pixels)
+            uncond = take(uncond_1, torch.zeros(b, dtype=torch.long))
             run = timer.wrap("sampling (all)", sample_candidate_pool)
             with m.autocast:
-                pairs, _ = run(pipe, m.unet, cond, uncond_1.expand_as(cond), make_score_fn(m.scorer, prompts, k), cfg, gen)
+                pairs, _ = run(pipe, m.unet, cond, uncond, make_score_fn(m.scorer, prompts, k), cfg, gen)
             if m.device.type == "cuda":
                 memory["sampling"] = torch.cuda.max_memory_allocated(m.device)
                 torch.cuda.reset_peak_memory_stats(m.device)
@@ -664,7 +717,7 @@ def benchmark(cfg):
             n, tb = len(pairs["t"]), cfg.train_batch_size
             for start in range(0, n, tb * cfg.grad_accum):
                 idx = torch.arange(start, min(n, start + tb * cfg.grad_accum), device=m.device)
-                micro = [{key: pairs[key][i] for key in ("x_t", "t", "win", "lose", "cond")} for i in idx.split(tb)]
+                micro = [{key: v[i] for key, v in pairs.items()} for i in idx.split(tb)]
                 step(pipe, m.policy, m.unet, micro, uncond_1, m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1)
             if m.device.type == "cuda":
                 memory["training"] = torch.cuda.max_memory_allocated(m.device)
@@ -699,7 +752,8 @@ def benchmark(cfg):
 
 # Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
 RESUMABLE_SETTINGS = ("model", "pretrained", "init_lora", "preference", "preference_model", "preference_processor",
-                      "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
+                      "preference_checkpoint", "vae", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
+                      "num_inner_step", "pool_at_last_step",
                       "threshold", "beta", "eps", "lr", "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size",
                       "train_batch_size", "grad_accum", "max_grad_norm", "precision")
 

@@ -331,14 +331,15 @@ def test_candidate_pool_replays_official_run(golden_pipe):
         return 4000 * images.float().mean(dim=(1, 2, 3)) * (1 + t.float() / 1000) + 0.01 * ids.float().mean(dim=1) / 532
 
     gen = torch.Generator().manual_seed(run["torch_manual_seed_before_call"])
-    pairs, scores = spo.sample_candidate_pool(golden_pipe, golden_pipe.unet, g["prompt_embeds"],
-                                              g["negative_prompt_embeds"], fake_preference, cfg, gen)
+    pairs, scores = spo.sample_candidate_pool(golden_pipe, golden_pipe.unet, {"text": g["prompt_embeds"]},
+                                              {"text": g["negative_prompt_embeds"]}, fake_preference, cfg, gen)
     assert torch.equal(pairs["t"], g["valid_timesteps"][:, 0]), "kept pairs carry other parent timesteps"
     close = dict(rtol=0, atol=1e-3)  # the golden README's tolerance for other library versions
     torch.testing.assert_close(pairs["x_t"], g["valid_current_latents"][:, 0], **close, msg="parent x_t differs")
+    assert torch.equal(pairs["x_t_lose"], pairs["x_t"]), "SD1.5 pairs share their parent"
     torch.testing.assert_close(pairs["win"], g["valid_next_latents"][:, 0], **close, msg="winner child differs")
     torch.testing.assert_close(pairs["lose"], g["valid_next_latents"][:, 1], **close, msg="loser child differs")
-    torch.testing.assert_close(pairs["cond"], g["valid_prompt_embeds"][:, 0], msg="pair prompt differs")
+    torch.testing.assert_close(pairs["text"], g["valid_prompt_embeds"][:, 0], msg="pair prompt differs")
     torch.testing.assert_close(scores, g["preference_score_logs"], rtol=1e-5, atol=1e-2)
 
 
@@ -350,7 +351,7 @@ def test_our_ddim_sampler_equals_diffusers_pipeline(golden_pipe):
     ref.set_progress_bar_config(disable=True)
     prompts = ["a red cat", "the dog on the lake"]
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    cond, uncond = golden_pipe.encode_prompts(prompts), golden_pipe.encode_prompts([""]).expand(2, -1, -1)
+    cond, uncond = golden_pipe.encode_prompts(prompts, (16, 16)), golden_pipe.encode_negative(2, (16, 16))
     for cfg_scale in (1.0, 5.0):  # without and with classifier-free guidance
         expected = ref(prompts, num_inference_steps=6, guidance_scale=cfg_scale, eta=0.0, latents=latents,
                        height=16, width=16, output_type="pt").images * 2 - 1
@@ -455,9 +456,9 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
         cfg = spo.Config(model="tiny", steps=8, cfg=5.0, eta=1.0)
         n = 3
         x_t = torch.randn(n, 4, 8, 8)
-        pairs = dict(x_t=x_t, t=torch.tensor([626, 251, 1]), win=x_t * 0.9 + 0.1 * torch.randn_like(x_t),
-                     lose=x_t * 0.9 + 0.1 * torch.randn_like(x_t), cond=torch.randn(n, 16, 32))
-        uncond = torch.randn(1, 16, 32).expand(n, -1, -1)
+        pairs = dict(x_t=x_t, x_t_lose=x_t.clone(), t=torch.tensor([626, 251, 1]), text=torch.randn(n, 16, 32),
+                     win=x_t * 0.9 + 0.1 * torch.randn_like(x_t), lose=x_t * 0.9 + 0.1 * torch.randn_like(x_t))
+        uncond = {"text": torch.randn(1, 16, 32)}
         loss, _, _ = spo.spo_loss(*spo.pair_log_probs(pipe, unet, unet, pairs, uncond, cfg), 10.0, 0.1)
         ours = torch.autograd.grad(loss, params)
 
@@ -466,7 +467,7 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
                 if reference:
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(D.lora_disabled(unet))
-                eps = D.predict_noise(unet, x_t, pairs["t"], pairs["cond"], uncond, cfg.cfg)
+                eps = D.predict_noise(unet, x_t, pairs["t"], {"text": pairs["text"]}, D.take(uncond, [0] * n), cfg.cfg)
                 _, _, mean, std = D.ddim_step(eps, pairs["t"], x_t, pipe.alphas_cumprod, 125, 1.0)
                 return D.ddim_log_prob(child, mean, std)
 
@@ -597,7 +598,7 @@ def test_spo_learns_the_preference(tmp_path):
 
     def mean_final_score():
         prompts = spo.TINY_PROMPTS
-        cond, uncond = pipe.encode_prompts(prompts), pipe.encode_prompts([""]).expand(len(prompts), -1, -1)
+        cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(len(prompts), (16, 16))
         gen = torch.Generator().manual_seed(123)
         z = torch.randn((len(prompts), 4, 8, 8), generator=gen)
         latents = D.ddim_sample(pipe, pipe.unet, cond, uncond, z, cfg.steps, cfg.cfg, eta=1.0, generator=gen)

@@ -445,7 +445,8 @@ def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
 
 
 def test_shared_forward_equals_four_forward_formulation(golden_pipe):
-    """Winner and loser share x_t: one policy and one reference forward give the official loss and gradients."""
+    """Where winner and loser share x_t one policy and one reference forward, else one per parent, give the loss
+    and gradients of the official four forwards (pair 1 has a loser parent of its own, as SDXL's inner steps)."""
     pipe = golden_pipe
     unet = pipe.unet
     params = D.inject_lora(unet, 4, 4)
@@ -456,23 +457,25 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
         cfg = spo.Config(model="tiny", steps=8, cfg=5.0, eta=1.0)
         n = 3
         x_t = torch.randn(n, 4, 8, 8)
-        pairs = dict(x_t=x_t, x_t_lose=x_t.clone(), t=torch.tensor([626, 251, 1]), text=torch.randn(n, 16, 32),
-                     win=x_t * 0.9 + 0.1 * torch.randn_like(x_t), lose=x_t * 0.9 + 0.1 * torch.randn_like(x_t))
+        x_t_lose = x_t.clone()
+        x_t_lose[1] += 0.1 * torch.randn_like(x_t[1])
+        pairs = dict(x_t=x_t, x_t_lose=x_t_lose, t=torch.tensor([626, 251, 1]), text=torch.randn(n, 16, 32),
+                     win=x_t * 0.9 + 0.1 * torch.randn_like(x_t), lose=x_t_lose * 0.9 + 0.1 * torch.randn_like(x_t))
         uncond = {"text": torch.randn(1, 16, 32)}
         loss, _, _ = spo.spo_loss(*spo.pair_log_probs(pipe, unet, unet, pairs, uncond, cfg), 10.0, 0.1)
         ours = torch.autograd.grad(loss, params)
 
-        def log_prob(child, reference):  # the official way: a separate forward for every term
+        def log_prob(side, reference):  # the official way: a separate forward for every term
+            parent, child = pairs["x_t" if side == "win" else "x_t_lose"], pairs[side]
             with contextlib.ExitStack() as stack:
                 if reference:
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(D.lora_disabled(unet))
-                eps = D.predict_noise(unet, x_t, pairs["t"], {"text": pairs["text"]}, D.take(uncond, [0] * n), cfg.cfg)
-                _, _, mean, std = D.ddim_step(eps, pairs["t"], x_t, pipe.alphas_cumprod, 125, 1.0)
+                eps = D.predict_noise(unet, parent, pairs["t"], {"text": pairs["text"]}, D.take(uncond, [0] * n), cfg.cfg)
+                _, _, mean, std = D.ddim_step(eps, pairs["t"], parent, pipe.alphas_cumprod, 125, 1.0)
                 return D.ddim_log_prob(child, mean, std)
 
-        terms = [log_prob(pairs[c], ref) for ref in (False,) for c in ("win", "lose")]
-        terms += [log_prob(pairs[c], ref) for ref in (True,) for c in ("win", "lose")]
+        terms = [log_prob(side, ref) for ref in (False, True) for side in ("win", "lose")]
         loss4, _, _ = spo.spo_loss(*terms, 10.0, 0.1)
         theirs = torch.autograd.grad(loss4, params)
         torch.testing.assert_close(loss, loss4, rtol=0, atol=1e-7)
@@ -617,6 +620,9 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--eps", "0"], "--eps must be in (0, 1)"),
     (["--beta", "-1"], "--beta must be > 0"),
     (["--divert-start-step", "6"], "--divert-start-step must be in [0, --steps)"),
+    (["--no-pool-at-last-step", "--divert-start-step", "5"], "the last step cannot start a pool"),
+    (["--num-inner-step", "-1"], "--num-inner-step must be >= 0"),
+    (["--vae", "/nonexistent/vae"], "cannot load the VAE from '/nonexistent/vae'"),
     (["--resolution", "30"], "multiple of 8"),
     (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1"),
     (["--eta", "0"], "--eta must be in (0, 1]"),
@@ -734,6 +740,173 @@ def test_sigterm_checkpoints_mid_batch_exits_0_and_resumes_exactly(tmp_path):
     resumed = run_spo(args + ["--out", str(out), "--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert resumed.wait(timeout=120) == 0
     assert_same_run(tmp_path / "reference", out)
+
+
+# ---- SDXL: two text encoders, size conditioning, candidates that run num_inner_step steps on their own ----
+
+
+def test_sdxl_sampler_equals_diffusers_pipeline():
+    """Our conditioning (both encoders' penultimate states, the pooled embedding, the size ids, zeros for an empty
+    negative prompt) and DDIM loop against diffusers' StableDiffusionXLPipeline, with the same initial latents."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(str(D.tiny_pipeline_path("tiny-sdxl")))
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    pipe = D.Pipeline("tiny-sdxl")
+    assert pipe.is_sdxl and pipe.vae_scale == 2
+    prompts = ["a red cat", "the dog on the lake"]
+    # cfg 1 and 5, an empty (zeroed) and a real negative prompt, a non-square size (height and width not swapped)
+    for cfg_scale, negative, (h, w) in ((1.0, "", (32, 32)), (5.0, "", (32, 32)), (5.0, "a dog", (32, 48))):
+        latents = torch.randn((2, 4, h // 2, w // 2), generator=torch.Generator().manual_seed(0))
+        expected = ref(prompts, negative_prompt=[negative] * 2 if negative else None, num_inference_steps=6,
+                       guidance_scale=cfg_scale, eta=0.0, latents=latents, height=h, width=w,
+                       output_type="pt").images * 2 - 1
+        cond, uncond = pipe.encode_prompts(prompts, (h, w)), pipe.encode_negative(2, (h, w), negative)
+        ours = pipe.decode(D.ddim_sample(pipe, pipe.unet, cond, uncond, latents, 6, cfg_scale))
+        err = (ours.clamp(-1, 1) - expected).abs().max()
+        assert err < 1e-4, f"images differ from diffusers by {err:.2e} at cfg {cfg_scale}, negative {negative!r}, {h}x{w}"
+
+
+def sdxl_reference_replay(pipe, cond, uncond, score_fn, cfg, generator):
+    """The official multi_sample_pipeline_sdxl's control flow, driven by hand: a countdown of inner steps, caches of
+    (x_t, x_{t-1}, t) per candidate, a judgement when the countdown hits 0 or at the last step (which never starts
+    a pool). Written as the reference is, independently of spo.sample_candidate_pool's loop; returns its pairs."""
+    b, k, n_inner = len(cond["text"]), cfg.k, cfg.num_inner_step
+    timesteps = D.ddim_timesteps(cfg.steps)
+    step = lambda eps, t, x: D.ddim_step(eps, t, x, pipe.alphas_cumprod, 1000 // cfg.steps, cfg.eta)
+    randn = lambda *shape: torch.randn(shape, generator=generator)
+    x = randn(b, 4, cfg.resolution // 2, cfg.resolution // 2)
+    inner_left, current, nxt, ts, pairs = 0, [], [], [], []
+
+    def collect(images, t_images):
+        win, lose, valid = spo.pick_win_lose(score_fn(images, t_images.expand(k * b)).view(k, b), cfg.threshold)
+        p = torch.arange(b)
+        for cur, new, t in zip(current, nxt, ts):
+            pairs.append(dict(x_t=cur[win, p][valid], x_t_lose=cur[lose, p][valid], win=new[win, p][valid],
+                              lose=new[lose, p][valid], t=t.expand(b)[valid], prompt=p[valid]))
+
+    for i, t in enumerate(timesteps):
+        rows = torch.arange(len(x)) % b  # candidate j of prompt p sits at row j * b + p
+        eps = D.predict_noise(pipe.unet, x, t.expand(len(x)), D.take(cond, rows), D.take(uncond, rows), cfg.cfg)
+        x0, _, mean, std = step(eps, t, x)
+        std = std.view(-1, 1, 1, 1)
+        if (i >= cfg.divert_start_step and inner_left == 0) or i == len(timesteps) - 1:
+            inner_left = n_inner
+            if i == cfg.divert_start_step:
+                children = mean[None] + std[None] * randn(k, *mean.shape)
+                current, nxt, ts = [x.expand(k, *x.shape)], [children], [t]
+                x = children.flatten(0, 1)
+            elif i != len(timesteps) - 1:
+                collect(pipe.decode(x0), t)
+                pick = torch.randint(0, k, (b,), generator=generator) * b + torch.arange(b)
+                children = mean[pick][None] + std[pick][None] * randn(k, b, *mean.shape[1:])
+                current, nxt, ts = [x[pick].expand(k, b, *x.shape[1:])], [children], [t]
+                x = children.flatten(0, 1)
+            else:  # the last step: every candidate goes on alone, and the final images are judged at t = 0
+                new = mean + std * randn(*mean.shape)
+                current, nxt, ts = current + [x.view(k, b, *x.shape[1:])], nxt + [new.view(k, b, *x.shape[1:])], ts + [t]
+                collect(pipe.decode(new), torch.zeros_like(t))
+        else:
+            new = mean + std * randn(*mean.shape)
+            if i >= cfg.divert_start_step:
+                inner_left -= 1
+                current, nxt, ts = current + [x.view(k, b, *x.shape[1:])], nxt + [new.view(k, b, *x.shape[1:])], ts + [t]
+            x = new
+    return {key: torch.cat([p[key] for p in pairs]) for key in pairs[0]}
+
+
+@pytest.mark.parametrize("num_inner_step", [3, 0])
+def test_sdxl_pairs_match_a_hand_driven_replay(num_inner_step):
+    """20 steps, candidates branch at steps 4, 8, 12, 16 and run 3 steps on their own: every transition of the
+    winner's and the loser's chunk is a pair with its own parent x_t and the timestep it was taken at."""
+    pipe = D.Pipeline("tiny-sdxl")
+    cfg = spo.Config(model="tiny-sdxl", steps=20, divert_start_step=4, k=2, num_inner_step=num_inner_step,
+                     pool_at_last_step=False, cfg=5.0, eta=1.0, threshold=0.2, resolution=16)
+    prompts = ["a red cat", "the dog", "a beautiful lake"]
+    cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(3, (16, 16))
+    score_fn = lambda images, t: 300 * images.float().mean(dim=(1, 2, 3)) * (1 + t.float() / 1000)
+    pairs, scores = spo.sample_candidate_pool(pipe, pipe.unet, cond, uncond, score_fn, cfg,
+                                              torch.Generator().manual_seed(7))
+    expected = sdxl_reference_replay(pipe, cond, uncond, score_fn, cfg, torch.Generator().manual_seed(7))
+    pools = spo.pool_steps(cfg)
+    assert pools == ([4, 8, 12, 16] if num_inner_step == 3 else list(range(4, 19)))
+    assert len(scores) == 2 * 3 * len(pools), "one judgement per pool, each of k * b candidates"
+    assert len(expected["t"]) < 3 * 16, "the threshold should drop some pairs, or the valid mask goes untested"
+    for key in ("x_t", "x_t_lose", "win", "lose", "t"):
+        assert torch.equal(pairs[key], expected[key]), f"pairs differ from the replay in {key}"
+    inner = pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(1)
+    timesteps = D.ddim_timesteps(20)
+    first_of_chunk = torch.isin(pairs["t"], timesteps[pools])
+    assert torch.equal(inner, ~first_of_chunk), "only a pool's first transition shares its parent"
+    for key, value in D.take(cond, expected["prompt"]).items():
+        assert torch.equal(pairs[key], value), f"pairs carry another prompt's {key}"
+
+
+FAST_XL = ["--model", "tiny-sdxl", "--steps", "8", "--divert-start-step", "2", "--resolution", "16",
+           "--sample-batch-size", "2", "--train-batch-size", "4", "--epochs", "2"]
+
+
+class SignalDuring:
+    """The tiny SPM, sending this process SIGTERM while it judges the n-th pool: a preemption during SAMPLING."""
+
+    def __init__(self, n):
+        self.spm, self.n = pm.load_preference_model("spm", "tiny", "tiny", "tiny"), n
+
+    def __getattr__(self, name):
+        return getattr(self.spm, name)
+
+    def score(self, *args, **kwargs):
+        self.n -= 1
+        if self.n == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.spm.score(*args, **kwargs)
+
+
+@torch.no_grad()
+def sdxl_unet_out(unet, io):
+    return unet(io["sample"], io["timestep"], io["encoder_hidden_states"], added_cond_kwargs=io["added_cond_kwargs"]).sample
+
+
+def sdxl_unet_io():
+    return dict(sample=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), timestep=torch.tensor([501]),
+                encoder_hidden_states=torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(1)),
+                added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])})
+
+
+@pytest.mark.parametrize("num_inner_step", ["3", "0"])
+def test_sdxl_spo_runs_resume_exactly_and_the_lora_loads_in_diffusers(num_inner_step, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    args = ["--num-inner-step", num_inner_step] + FAST_XL  # the epochs last
+    ref = tmp_path / "ref"
+    spo.main(args + ["--out", str(ref)])
+    metrics = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    # 8 steps from step 2 on: at most 6 pairs per prompt, 12 per batch of 2, in steps of up to 4 pairs
+    assert metrics and all(0 < m["pairs"] <= 4 and m["pairs_kept"] <= 12 and math.isfinite(m["loss"]) for m in metrics)
+    out = tmp_path / "resumed"
+    if num_inner_step == "3":  # stopped while sampling batch 1 (2 judgements per batch): the checkpoint keeps its pairs
+        cfg = spo.parse_args(args[:-1] + ["1", "--out", str(out)])
+        assert spo.train(cfg, scorer=SignalDuring(3)) is None, "the signal must stop the run"
+        pending = load_file(str(spo.checkpoint_dirs(out)[-1] / "pending_pairs.safetensors"))
+        assert {"x_t", "x_t_lose", "t", "win", "lose", "text", "pooled", "time_ids", "perm"} <= set(pending)
+    else:  # stopped at the end of epoch 0, with gradient checkpointing, which must not change the numbers
+        cfg = spo.parse_args(args[:-1] + ["1", "--out", str(out), "--gradient-checkpointing"])
+        assert spo.setup_models(cfg).pipe.unet.is_gradient_checkpointing
+        spo.main(args[:-1] + ["1", "--out", str(out), "--gradient-checkpointing"])
+    spo.main(args + ["--out", str(out), "--resume"])
+    assert_same_run(ref, out)
+
+    # The trained LoRA in diffusers' SDXL pipeline: the UNet computes what ours computes with it.
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(D.tiny_pipeline_path("tiny-sdxl")))
+    io = sdxl_unet_io()
+    base = sdxl_unet_out(pipe.unet, io)
+    pipe.load_lora_weights(str(ref))
+    ours = D.Pipeline("tiny-sdxl").unet
+    D.inject_lora(ours, 4, 4)
+    D.load_lora(ours, ref / "pytorch_lora_weights.safetensors")
+    assert not torch.allclose(sdxl_unet_out(pipe.unet, io), base), "diffusers must attach the trained LoRA"
+    torch.testing.assert_close(sdxl_unet_out(pipe.unet, io), sdxl_unet_out(ours, io), rtol=0, atol=1e-5)
 
 
 class Exploit:
@@ -1182,7 +1355,8 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--prompts", "{bad}/nope.txt"], "--prompts: no such file"),
     (["--n", "2", "--out", "{out}.png"], "one PNG file but this run writes 2 images"),
     (["--compare"], "pass --lora"),
-    (["--model", "sdxl"], "invalid choice: 'sdxl'"),
+    (["--model", "sdxl3"], "invalid choice: 'sdxl3'"),
+    (["--vae", "/nonexistent/vae"], "cannot load the VAE from '/nonexistent/vae'"),
     (["--steps", "many"], "invalid int value: 'many'"),
     (["--pretrained", "/nonexistent/sd"], "cannot load"),
 ]

@@ -1787,17 +1787,18 @@ def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, si
 # ---- performance: full-size architectures without downloads, and the benchmark mode ----
 
 
-def test_random_init_builds_the_real_sd15_sizes():
-    """--random-init must cost what SD1.5 costs: its parts have the released checkpoints' parameter counts."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+RELEASED_SIZES = {  # parameter counts of the released checkpoints' parts
+    "sd15": dict(unet=859_520_964, vae=83_653_863, text_encoder=123_060_480),
+    "sdxl": dict(unet=2_567_463_684, vae=83_653_863, text_encoder=123_060_480, text_encoder_2=694_659_840),
+}
 
-    arch = D.ARCHITECTURES["sd15"]
-    with torch.device("meta"):  # shapes only, no memory
-        counts = [sum(p.numel() for p in m.parameters()) for m in (
-            UNet2DConditionModel(**arch["unet"]), AutoencoderKL(**arch["vae"]),
-            CLIPTextModel(CLIPTextConfig(vocab_size=49408, **arch["text_encoder"])))]
-    assert counts == [859_520_964, 83_653_863, 123_060_480], counts
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_random_init_builds_the_real_sizes(model, tmp_path):
+    """--random-init must cost what the real model costs: its parts have the released parameter counts."""
+    parts = D.random_pipeline_parts(model, device="meta", folder=tmp_path)  # shapes only, no memory
+    counts = {name: sum(p.numel() for p in parts[name].parameters()) for name in RELEASED_SIZES[model]}
+    assert counts == RELEASED_SIZES[model]
 
 
 def test_benchmark_smoke_on_cpu(capsys):

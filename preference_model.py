@@ -302,6 +302,34 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
     return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
 
 
+class PickScoreOnImages:
+    """PickScore exactly as PickScore's authors compute it (github.com/yuvalkirstain/PickScore): their CLIP
+    processor on PIL images (resize the shortest side, center crop, normalise), then logit_scale.exp() *
+    cosine(image, text). Comparable with published numbers; also the reference's pseudo-labeller for SDXL SPMs."""
+
+    def __init__(self, base, processor, device="cpu", flags=("--base", "--processor", "--checkpoint")):
+        from transformers import CLIPImageProcessorPil  # the PIL one, as PickScore's code ran; needs no torchvision
+
+        self.model = load_preference_model("pickscore", base, processor, None, device=device, flags=flags)
+        processor = tiny_spm_paths()[1] if processor == "tiny" else processor
+        try:
+            self.processor = CLIPImageProcessorPil.from_pretrained(processor)
+        except Exception as err:
+            raise cannot_load("image processor", processor, err, flags[1]) from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        """PIL images, and one prompt for all of them or one each -> (b,) scores."""
+        clip, tok, device = self.model.model, self.model.tokenizer, self.model.device
+        text = tok(list(prompts), padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+        text_features = clip.text_projection(clip.text_model(**text.to(device)).pooler_output)  # (1 or b, proj)
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(device)  # (b, 3, S, S)
+        image_features = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)  # (b, proj)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return clip.logit_scale.exp() * (image_features * text_features).sum(dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: the official .bin (read with weights_only, never unpickled freely) and our .safetensors.
 

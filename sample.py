@@ -31,7 +31,7 @@ from tqdm import tqdm
 from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
                        captioned_grid, ddim_sample, lora_disabled, lora_merged, lora_modules, read_lora_file,
                        read_prompts, save_lora_webui, save_png, to_pil)
-from preference_model import PREFERENCE_FLAGS, load_preference_model, tiny_spm_paths
+from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
 # Defaults per preset, as the released models' example usage (resolution and VAE come from PRESETS).
@@ -290,36 +290,19 @@ def save_compare_grid(args, jobs, base, lora, path):
 # Scoring: PickScore as its authors compute it, and the step-aware preference model at t = 0 (a clean image).
 
 class Scorers:
-    """PickScore exactly as PickScore's authors compute it (github.com/yuvalkirstain/PickScore): their CLIP
-    processor on the PIL image (resize the shortest side, center crop, normalise), then logit_scale.exp() *
-    cosine(image, text), so numbers compare with published ones. And the SPM score at t = 0 of the same image."""
+    """PickScore as its authors compute it (preference_model.PickScoreOnImages), so numbers compare with published
+    ones, and the SPM score at t = 0 of the same image."""
 
     def __init__(self, args):
-        from transformers import CLIPImageProcessorPil  # the PIL one, as PickScore's code ran; needs no torchvision
-
-        self.device = args.device
-        self.pickscore = load_preference_model("pickscore", args.preference_model, args.preference_processor, None,
-                                               device=args.device, flags=PREFERENCE_FLAGS)
+        self.pickscore = PickScoreOnImages(args.preference_model, args.preference_processor, args.device,
+                                           flags=PREFERENCE_FLAGS)
         self.spm = load_preference_model("spm", args.preference_model, args.preference_processor,
                                          args.preference_checkpoint, device=args.device, flags=PREFERENCE_FLAGS)
-        processor = tiny_spm_paths()[1] if args.preference_processor == "tiny" else args.preference_processor
-        try:
-            self.processor = CLIPImageProcessorPil.from_pretrained(processor)
-        except Exception as err:
-            raise cannot_load("image processor", processor, err, "--preference-processor") from None
 
     @torch.no_grad()
     def __call__(self, images, prompt):
         """PIL images of one prompt -> {"pickscore": [...], "spm": [...]}."""
-        clip = self.pickscore.model
-        tok = self.pickscore.tokenizer
-        text = tok([prompt], padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
-        text_features = clip.text_projection(clip.text_model(**text.to(self.device)).pooler_output)  # (1, proj)
-        pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(self.device)  # (b, 3, S, S)
-        image_features = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)  # (b, proj)
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-        pickscore = clip.logit_scale.exp() * (text_features @ image_features.T)[0]
+        pickscore = self.pickscore(images, [prompt])
         # The SPM sees the saved pixels, so `python preference_model.py score` on the PNG gives the same number.
         x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8
         x = x.float() / 127.5 - 1

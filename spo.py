@@ -199,7 +199,7 @@ def load_prompts(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# SAMPLING: the DDIM chain with a candidate pool at every step (Sec. 4 of the paper).
+# SAMPLING: the DDIM chain with candidate pools (Sec. 4 of the paper): at every step (SD1.5), every 4th (SDXL).
 
 
 def pick_win_lose(scores, threshold):

@@ -533,18 +533,43 @@ def load_lora(unet, path_or_state):
 
 # Reading LoRAs made elsewhere, in each layout SPO LoRAs come in: ours and the official one
 # (`unet.<m>.lora.down/up.weight`), PEFT (`<m>.lora_A/lora_B.weight`) and webui/kohya
-# (`lora_unet_<m with dots as underscores>.lora_down/lora_up.weight` and `.alpha`). Whatever the layout, a
-# module's LoRA becomes one entry {module name: (down (r, in), up (out, r), alpha)}: W' = W + alpha/r * up @ down.
+# (`lora_unet_<m with dots as underscores>.lora_down/lora_up.weight` and `.alpha`, where <m> is the diffusers name
+# or the original SGM/LDM one, see sgm_name). Whatever the layout, a module's LoRA becomes one entry
+# {module name: (down (r, in), up (out, r), alpha)}: W' = W + alpha/r * up @ down.
 
 LORA_KEY_PARTS = [(".lora.down.weight", "down"), (".lora.up.weight", "up"),  # ours / official
                   (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT
                   (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # PEFT, adapter name kept
                   (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")]  # webui / kohya
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
-# Names only SDXL has: its second text encoder, kohya's SDXL (SGM) block names, its added time embedding.
-SDXL_SIGNS = ("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_", "lora_unet_middle_block_",
-              "lora_unet_output_blocks_", "add_embedding")
-SDXL_CONTEXT_WIDTH = 2048  # SDXL's cross-attention width (SD1.5: 768): the in-features of attn2.to_k/to_v
+# What only SDXL has: its second text encoder, its added embedding of the pooled prompt and the image size
+# (diffusers' add_embedding, SGM's label_emb), its 2048-wide text context (the in-features of attn2.to_k/to_v).
+# Block names do not tell the families apart: some SD1.x webui LoRAs use the SGM names too.
+SDXL_ONLY_NAMES = ("lora_te2_", "text_encoder_2.", "add_embedding", "label_emb")
+SDXL_CONTEXT_WIDTH = 2048
+SD1_CONTEXT_WIDTH = 768  # SD1.x's text context (CLIP ViT-L)
+
+
+def is_sdxl_unet(unet):
+    """SDXL's UNet is the one with the "text_time" added embedding; not its width (the tiny SDXL's context is 64)."""
+    return unet.config.addition_embed_type == "text_time"
+
+
+def sgm_name(name, layers_per_block):
+    """The original (SGM, and SD1.x's LDM) name of a diffusers UNet module inside an attention block, else None.
+    That UNet's down path is one flat list, input_blocks: conv_in first, then per level L = layers_per_block layers
+    and a downsampler; output_blocks has L + 1 layers per level. In each layer .0 is the ResNet, .1 the attention
+    block, whose inner names (transformer_blocks.0.attn1.to_q, proj_in, ...) diffusers kept."""
+    if not isinstance(layers_per_block, int):
+        return None  # a count per level: SD1.x and SDXL have one count, which the numbering below assumes
+    per_level = layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
+        return f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"  # + 1: input_blocks.0 is conv_in
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", name):
+        return f"output_blocks.{per_level * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", name):
+        return f"middle_block.1.{m[1]}"  # the middle block is ResNet, attention, ResNet
+    return None
 
 
 def read_lora_file(path):
@@ -570,16 +595,18 @@ def read_lora_file(path):
 
 
 def lora_family_problem(tensors, unet):
-    """A sentence if these are an SDXL LoRA's weights and the UNet is not SDXL's, else None."""
-    if unet.config.cross_attention_dim == SDXL_CONTEXT_WIDTH:
-        return None
-    signs = [k for k in tensors if any(s in k for s in SDXL_SIGNS)]
-    signs += [k for k, v in tensors.items() if v.dim() == 2 and (".attn2.to_k." in k or "_attn2_to_k." in k)
-              and k.endswith(("down.weight", "lora_A.weight")) and v.shape[1] == SDXL_CONTEXT_WIDTH]
-    if not signs:
-        return None
-    return (f"this is an SDXL LoRA (e.g. {signs[0]}), but the model is SD1.5-style (cross-attention width "
-            f"{unet.config.cross_attention_dim}); use it with an SDXL base model")
+    """A sentence if the LoRA was made for the other family (SDXL or SD1.x) than the UNet's, else None."""
+    widths = {k: v.shape[1] for k, v in tensors.items() if v.dim() == 2 and (".attn2.to_k." in k or "_attn2_to_k." in k)
+              and k.endswith(("down.weight", "lora_A.weight", "lora_A.default.weight"))}  # down is (r, context width)
+    if not is_sdxl_unet(unet):
+        signs = [k for k in tensors if any(s in k for s in SDXL_ONLY_NAMES)]
+        signs += [k for k, width in widths.items() if width == SDXL_CONTEXT_WIDTH]
+        return (f"this is an SDXL LoRA (e.g. {signs[0]}), but the model is SD1.5-style (cross-attention width "
+                f"{unet.config.cross_attention_dim}); use it with an SDXL base model") if signs else None
+    signs = [k for k, width in widths.items() if width == SD1_CONTEXT_WIDTH]
+    return (f"this is an SD1.x LoRA ({signs[0]} reads a {SD1_CONTEXT_WIDTH}-wide text context), but the model is "
+            f"SDXL (cross-attention width {unet.config.cross_attention_dim}); use it with an SD1.5 base model"
+            ) if signs else None
 
 
 def lora_modules(tensors, declared, unet):
@@ -591,7 +618,9 @@ def lora_modules(tensors, declared, unet):
     if family:
         raise UserError(family)
     modules = dict(unet.named_modules())
-    by_underscored = {name.replace(".", "_"): name for name in modules}
+    by_underscored = {name.replace(".", "_"): name for name in modules}  # diffusers' names and the SGM/LDM ones
+    by_underscored |= {sgm.replace(".", "_"): name for name in modules
+                       if (sgm := sgm_name(name, unet.config.layers_per_block))}
     parts, unknown = {}, []
     for key, value in tensors.items():
         stem, part = next(((key[:-len(s)], p) for s, p in LORA_KEY_PARTS if key.endswith(s)), (key, None))
@@ -665,15 +694,19 @@ def lora_merged(unet, modules, scale=1.0):
                 unet.get_submodule(name).weight.copy_(w)
 
 
-def save_lora_webui(modules, path):
+def save_lora_webui(modules, path, unet):
     """Write the LoRA in the webui/kohya layout, atomically: `lora_unet_<module, dots as underscores>` with
-    `.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and `.alpha` (a 0-dim tensor), the names kohya's
-    sd-scripts give SD1.x LoRAs. stable-diffusion-webui and diffusers' load_lora_weights both read it."""
+    `.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and `.alpha` (a 0-dim tensor), with the module names
+    kohya's sd-scripts gives: SD1.x's diffusers names, SDXL's original SGM names (it trains SDXL on that UNet).
+    stable-diffusion-webui and diffusers' load_lora_weights both read it."""
     from safetensors.torch import save_file
 
     state = {}
     for name, (down, up, alpha) in modules.items():
-        stem = "lora_unet_" + name.replace(".", "_")
+        webui_name = sgm_name(name, unet.config.layers_per_block) if is_sdxl_unet(unet) else name
+        if webui_name is None:
+            raise UserError(f"the webui layout of an SDXL LoRA is written for attention-block layers only, not {name}")
+        stem = "lora_unet_" + webui_name.replace(".", "_")
         state[stem + ".lora_down.weight"] = down.float().contiguous()
         state[stem + ".lora_up.weight"] = up.float().contiguous()
         state[stem + ".alpha"] = torch.tensor(float(alpha))

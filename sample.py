@@ -418,7 +418,7 @@ def run(args):
     scorers = Scorers(args) if args.score or args.eval else None
     # Everything is loaded and checked: from here on, bad input can no longer leave partial output.
     if args.export_webui:
-        save_lora_webui(modules, args.export_webui)
+        save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
     if args.save_merged:
         save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged)

@@ -1203,7 +1203,7 @@ def test_webui_export_round_trips_and_diffusers_loads_it_alike(tmp_path, lora_io
     unet = base_unet()
     modules = {n: (d, u, alpha) for n, (d, u, _) in sample.load_lora_modules(str(LORA), unet).items()}
     path = tmp_path / "spo_webui.safetensors"
-    D.save_lora_webui(modules, path)
+    D.save_lora_webui(modules, path, unet)
     keys = load_file(str(path))
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys), "webui keys must be lora_unet_<path>.lora_down/lora_up.weight and .alpha"
@@ -1267,6 +1267,196 @@ def test_save_merged_folder_loads_in_diffusers_and_renders_like_base_plus_lora(t
     diff = (ours.clamp(-1, 1) - theirs).abs().max().item()
     assert diff < 1e-4, f"the merged pipeline renders {diff} away from base + LoRA"
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir()), "temporary folder left behind"
+
+
+# ---- SDXL LoRA ----
+# The tiny SDXL pipeline has SDXL's block layout (layers_per_block 2, attention from the second level down, a
+# text_time embedding), so its webui files carry the block numbers of SDXL itself; only the widths are tiny.
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(spo_cache):
+    return D.tiny_pipeline_path("tiny-sdxl")
+
+
+def sdxl_unet(path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet").eval()
+
+
+def sdxl_out(unet, seed=0):
+    """The tiny SDXL UNet's output for seeded inputs: latents, text (b, 16, 64), pooled text (b, 32), size ids."""
+    g = torch.Generator().manual_seed(seed)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    added = dict(text_embeds=torch.randn(2, 32, generator=g), time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500, 20]), text, added_cond_kwargs=added).sample
+
+
+def attention_linears(unet):
+    return {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and ".attentions." in n}
+
+
+def random_lora(unet, rank, alpha):
+    """A LoRA on every Linear of the attention blocks (proj_in/out, feed-forward too), with non-zero up weights."""
+    g = torch.Generator().manual_seed(1)
+    draw = lambda *shape: torch.randn(*shape, generator=g)
+    return {n: (draw(rank, m.in_features) / rank, draw(m.out_features, rank) * 0.05, alpha)
+            for n, m in attention_linears(unet).items()}
+
+
+@pytest.mark.parametrize("alpha", [4.0, 8.0])
+def test_our_sdxl_lora_file_loads_in_diffusers_with_the_same_output(tiny_sdxl, tmp_path, alpha):
+    """save_lora on the SDXL UNet: StableDiffusionXLPipeline.load_lora_weights must read it as we apply it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    unet = D.Pipeline("tiny-sdxl").unet
+    D.inject_lora(unet, 4, alpha)
+    torch.manual_seed(0)
+    for layer in D.lora_layers(unet):
+        torch.nn.init.normal_(layer.lora.up.weight, std=0.05)
+    D.save_lora(unet, tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(k.startswith("unet.") for k in load_file(str(tmp_path / "pytorch_lora_weights.safetensors")))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    base = sdxl_out(pipe.unet)
+    pipe.load_lora_weights(str(tmp_path))
+    theirs = sdxl_out(pipe.unet)
+    assert not torch.allclose(theirs, base), "diffusers attached nothing (wrong key prefix?)"
+    torch.testing.assert_close(theirs, sdxl_out(unet), rtol=0, atol=1e-4,
+                               msg=lambda m: f"diffusers' SDXL loader reads our file differently: {m}")
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "tiny-sdxl", "sd15", "tiny"])
+def test_sgm_names_land_on_the_same_modules_in_diffusers(arch, tmp_path):
+    """Every attention-block Linear of the architecture (built on the meta device: names only, so the real SDXL and
+    SD1.5 too), named the SGM/LDM way (SDXL: as save_lora_webui writes it), goes through diffusers' own converter
+    (what load_lora_weights does before PEFT). Each module's weights hold its index, so any wrong block number
+    (input/output swapped, L for L + 1, a lost + 1) lands some index on another module and fails here."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**D.ARCHITECTURES[arch]["unet"])
+    names = list(attention_linears(unet))
+    index = lambda i: torch.full((1, 1), float(i))
+    if D.is_sdxl_unet(unet):
+        modules = {n: (index(i), index(i), 1.0) for i, n in enumerate(names)}
+        D.save_lora_webui(modules, tmp_path / "w.safetensors", unet)
+        state = load_file(str(tmp_path / "w.safetensors"))
+    else:  # SD1.x files are exported with diffusers' names; the LDM names some webui SD1.x LoRAs use are read
+        stems = ["lora_unet_" + D.sgm_name(n, unet.config.layers_per_block).replace(".", "_") for n in names]
+        state = {f"{stem}.{part}": index(i) for i, stem in enumerate(stems)
+                 for part in ("lora_down.weight", "lora_up.weight")}
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in state), "the SGM/LDM layout names input_blocks, middle_block and output_blocks only"
+    example = {"sdxl": "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",  # the issue's example
+               "sd15": "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"}.get(arch)
+    assert example is None or f"{example}.lora_down.weight" in state
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
+    converted = convert_unet_state_dict_to_peft(converted)  # `unet.<module>.lora_A.weight`, as PEFT receives it
+    landed = {k.removeprefix("unet.").removesuffix(".lora_A.weight"): names[int(v.item())]
+              for k, v in converted.items() if k.endswith(".lora_A.weight")}
+    wrong = [(ours, theirs) for theirs, ours in landed.items() if theirs != ours]
+    assert not wrong, f"{len(wrong)} of {len(names)} land elsewhere in diffusers, e.g. (ours, theirs): {wrong[:2]}"
+    assert len(landed) == len(names), f"diffusers kept {len(landed)} of {len(names)} modules"
+
+
+@pytest.mark.parametrize("alpha", [4.0, 8.0])
+def test_sdxl_webui_export_round_trips_and_diffusers_loads_it_alike(tiny_sdxl, tmp_path, alpha):
+    """The SGM-named file reads back to the same modules, and diffusers' SDXL pipeline gives our UNet output."""
+    from diffusers import StableDiffusionXLPipeline
+
+    unet = sdxl_unet(tiny_sdxl)
+    modules = random_lora(unet, 4, alpha)
+    path = tmp_path / "spo_sdxl_webui.safetensors"
+    D.save_lora_webui(modules, path, unet)
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_out_0.alpha" in load_file(str(path)), (
+        "up_blocks.0.attentions.2 is SGM's output_blocks.2.1, and to_out.0 is written to_out_0")
+    back = D.lora_modules(*D.read_lora_file(path), unet)
+    assert back.keys() == modules.keys(), "SGM names did not map back to the same modules"
+    for name, (down, up, a) in modules.items():
+        assert torch.equal(back[name][0], down) and torch.equal(back[name][1], up) and back[name][2] == a, name
+    D.apply_lora(unet, modules)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    base = sdxl_out(pipe.unet)
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+    theirs = sdxl_out(pipe.unet)
+    assert not torch.allclose(theirs, base), "diffusers attached nothing"
+    torch.testing.assert_close(theirs, sdxl_out(unet), rtol=0, atol=1e-4,
+                               msg=lambda m: f"diffusers' loader reads our SDXL webui file differently: {m}")
+
+
+def test_ldm_named_sd15_lora_loads_like_the_golden_file(tmp_path, lora_io):
+    """The golden LoRA renamed the LDM way (input_blocks_1_1_..., as some SD1.5 webui files are) is no SDXL LoRA:
+    we and diffusers both load it to the golden output."""
+    unet = base_unet()
+    modules = sample.load_lora_modules(str(LORA), unet)
+    state = {}
+    for name, (down, up, alpha) in modules.items():
+        stem = "lora_unet_" + D.sgm_name(name, unet.config.layers_per_block).replace(".", "_")
+        state |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)}
+    save_file(state, tmp_path / "ldm.safetensors")
+    back = sample.load_lora_modules(str(tmp_path / "ldm.safetensors"), unet)
+    assert back.keys() == modules.keys(), "LDM names did not map to the golden file's modules"
+    D.apply_lora(unet, back)
+    torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4)
+    pipe = diffusers_pipeline()  # its loader renames SGM/LDM blocks only when handed the UNet config (SDXL's always)
+    pipe.load_lora_weights(str(tmp_path), weight_name="ldm.safetensors", unet_config=pipe.unet.config)
+    torch.testing.assert_close(unet_out(pipe.unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4,
+                               msg=lambda m: f"diffusers reads the LDM names onto other modules: {m}")
+
+
+def lora_pair(stem, width, out):  # a LoRA on one layer: down (4, width), up (out, 4)
+    return {f"{stem}.lora_down.weight": torch.zeros(4, width), f"{stem}.lora_up.weight": torch.zeros(out, 4)}
+
+
+FAMILY_CASES = [  # (the UNet, a LoRA's tensors, a piece of the message): what only one family has decides
+    ("sdxl", lora_pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 768, 64), "this is an SD1.x LoRA"),
+    ("sdxl", {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": torch.zeros(4, 768)},
+     "this is an SD1.x LoRA"),
+    ("sd15", lora_pair("lora_te2_text_model_encoder_layers_0_mlp_fc1", 32, 64), "this is an SDXL LoRA"),
+    ("sd15", {"unet.add_embedding.linear_1.lora.down.weight": torch.zeros(4, 80)}, "this is an SDXL LoRA"),
+    ("sd15", lora_pair("lora_unet_label_emb_0_0", 80, 128), "this is an SDXL LoRA"),
+]
+
+
+@pytest.mark.parametrize("family,tensors,message", FAMILY_CASES, ids=[f"{f}-{next(iter(t))[:40]}" for f, t, _ in FAMILY_CASES])
+def test_a_lora_of_the_other_family_is_named_as_such(tiny_sdxl, family, tensors, message):
+    unet = sdxl_unet(tiny_sdxl) if family == "sdxl" else base_unet()
+    with pytest.raises(UserError, match=message):
+        D.lora_modules(tensors, {"alpha": None, "alpha_pattern": {}}, unet)
+
+
+def test_sdxl_webui_export_of_a_layer_outside_the_attention_blocks_is_refused(tiny_sdxl, tmp_path):
+    unet = sdxl_unet(tiny_sdxl)
+    modules = {"time_embedding.linear_1": (torch.zeros(4, 32), torch.zeros(128, 4), 4.0)}
+    with pytest.raises(UserError, match="attention-block layers only, not time_embedding.linear_1"):
+        D.save_lora_webui(modules, tmp_path / "w.safetensors", unet)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_sample_exports_an_sdxl_webui_lora_that_renders_the_same_images(tiny_sdxl, tmp_path, capsys):
+    """sample.py --model tiny-sdxl --lora FILE --export-webui OUT, then --lora OUT: the same image, pixel for pixel."""
+    from PIL import Image
+
+    unet = sdxl_unet(tiny_sdxl)
+    D.inject_lora(unet, 4, 8.0)
+    torch.manual_seed(0)
+    for layer in D.lora_layers(unet):
+        torch.nn.init.normal_(layer.lora.up.weight, std=0.5)
+    ours, webui = tmp_path / "ours.safetensors", tmp_path / "webui.safetensors"
+    D.save_lora(unet, ours)
+    sample.main(["--model", "tiny-sdxl", "--lora", str(ours), "--export-webui", str(webui)])
+    assert f"webui LoRA written to {webui}" in capsys.readouterr().out
+    assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in load_file(str(webui))), "SDXL: SGM names"
+    images = {}
+    for name, lora in [("ours", ["--lora", str(ours)]), ("webui", ["--lora", str(webui)]), ("base", [])]:
+        sample.main(["--model", "tiny-sdxl", "--steps", "3", "--prompt", "a red cat", "--seed", "3", "--out",
+                     str(tmp_path / f"{name}.png")] + lora)
+        images[name] = Image.open(tmp_path / f"{name}.png").tobytes()
+    assert images["webui"] == images["ours"], "the exported webui file renders another image than the original"
+    assert images["ours"] != images["base"], "the LoRA should change the image"
 
 
 # ---- the command line on the tiny model: grid, eval, PNG settings ----

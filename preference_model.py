@@ -428,15 +428,21 @@ def pil_to_tensor(image):
     return x.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def decode_image(value, resolution, where):
-    """JPEG bytes -> (3, R, R) in [-1, 1] as the reference dataset: shortest edge to R (PIL bicubic), then
-    the centre crop."""
+def open_image(value, where):
+    """JPEG bytes (or the {"bytes": ...} of a hub dataset) -> an RGB PIL image."""
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(value["bytes"] if isinstance(value, dict) else value)).convert("RGB")
+        return Image.open(io.BytesIO(value["bytes"] if isinstance(value, dict) else value)).convert("RGB")
     except Exception as err:
         raise UserError(f"{where}: not a readable image ({str(err).strip().splitlines()[0]})") from None
+
+
+def resize_crop(image, resolution):
+    """A PIL image -> (3, R, R) in [-1, 1] as the reference dataset: shortest edge to R (PIL bicubic), then
+    the centre crop."""
+    from PIL import Image
+
     scale = resolution / min(image.size)
     w, h = max(resolution, int(image.width * scale)), max(resolution, int(image.height * scale))
     image = image.resize((w, h), Image.BICUBIC)
@@ -454,9 +460,10 @@ def check_labels(row, where):
         raise UserError(f"{where}: num_example_per_prompt must be >= 1, got {row['num_example_per_prompt']}")
 
 
-def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world=1, block=1):
+def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world=1, block=1, labeller=None):
     """Yield pairs (caption, image_0, image_1, label_0, label_1, n) from the units in order, or, with a seed,
-    forever in a fresh shuffle per epoch. A 190 GB dataset cannot be shuffled globally without random access,
+    forever in a fresh shuffle per epoch. labeller(caption, image_0, image_1) -> (label_0, label_1) replaces the
+    human labels (pickscore_labeller); it sees the full-size images. A 190 GB dataset cannot be shuffled globally without random access,
     so we shuffle the order of row groups and the rows inside each (the reference shuffles all rows).
     Several ranks share one stream: number the pairs it keeps 0, 1, 2, ... (across epochs); rank r takes the
     blocks of `block` consecutive pairs whose index is r modulo world, so the ranks' shares are disjoint, cover
@@ -489,12 +496,30 @@ def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world
                 row = {c: columns[c][i] for c in COLUMNS}
                 where = f"{path}, row {first + i}"
                 check_labels(row, where)
-                yield (row["caption"], decode_image(row["jpg_0"], resolution, f"{where}, jpg_0"),
-                       decode_image(row["jpg_1"], resolution, f"{where}, jpg_1"),
-                       float(row["label_0"]), float(row["label_1"]), float(row["num_example_per_prompt"]))
+                image_0, image_1 = (open_image(row[c], f"{where}, {c}") for c in ("jpg_0", "jpg_1"))
+                labels = labeller(row["caption"], image_0, image_1) if labeller else (row["label_0"], row["label_1"])
+                yield (row["caption"], resize_crop(image_0, resolution), resize_crop(image_1, resolution),
+                       float(labels[0]), float(labels[1]), float(row["num_example_per_prompt"]))
         epoch += 1
         if seed is None:
             return
+
+
+def pickscore_labeller(pickscore, threshold):
+    """Labels as the reference's SDXL SPM training makes them (spm_task.update_as_pickscore_label): PickScore on
+    the two clean images; (1, 0) or (0, 1) where its softmax preference p_0 - p_1 exceeds the threshold, else a
+    tie (0.5, 0.5). pickscore: a PickScoreOnImages."""
+    def label(caption, image_0, image_1):
+        p_0, p_1 = torch.softmax(pickscore([image_0, image_1], [caption]).float(), dim=0).tolist()
+        return (1.0, 0.0) if p_0 - p_1 > threshold else (0.0, 1.0) if p_1 - p_0 > threshold else (0.5, 0.5)
+    return label
+
+
+def make_labeller(args, device):
+    """PickScore (the preset's PickScore_v1 and processor) as the labeller, if --pickscore-labels asks for it."""
+    if args.pickscore_labels is None:
+        return None
+    return pickscore_labeller(PickScoreOnImages(args.base, args.processor, device), args.pickscore_labels)
 
 
 def batches(rows, batch_size, device):
@@ -579,17 +604,19 @@ def lr_factor(step, warmup, total):
 
 
 @torch.no_grad()
-def evaluate(model, pipe, units, args, autocast, rank=0, world=1):
+def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None):
     """Pairwise accuracy on the labelled validation pairs at each t; a human tie counts half when the model
-    prefers either image (the reference's rule). Noise is seeded by the batch, so the numbers are repeatable.
+    prefers either image (the reference's rule). With PickScore's labels (labeller) the pairs it calls a tie are
+    left out, as the reference does. Noise is seeded by the batch, so the numbers are repeatable.
     Several ranks split the whole validation set by batches (batch b on rank b mod world, with the noise of
     batch b) and sum their counts: the same numbers as one process."""
     device = model.device
     correct, count = {t: 0.0 for t in args.eval_timesteps}, 0
     pixels = (args.resolution, args.resolution)
     uncond = pipe.encode_negative(1, pixels) if pipe else None
-    rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size)
+    rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size, labeller=labeller)
     for k, (captions, im0, im1, l0, l1, _) in enumerate(batches(rows, args.batch_size, device)):
+        counted = (l0 != 0.5) if labeller else torch.ones_like(l0, dtype=torch.bool)
         b = k * world + rank  # the batch's index in the whole validation set
         ids = model.tokenize(captions)
         cond = pipe.encode_prompts(captions, pixels) if pipe else None
@@ -599,8 +626,8 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1):
             x0, x1 = (im0, im1) if t == 0 else denoised_pair(pipe, im0, im1, cond, uncond, tt, gen, args.cfg)
             with autocast:
                 s0, s1 = pair_scores(model, x0, x1, ids, tt)
-            correct[t] += ((s0 > s1) * l0 + (s0 < s1) * l1).sum().item()
-        count += len(captions)
+            correct[t] += ((s0 > s1) * l0 + (s0 < s1) * l1)[counted].sum().item()
+        count += int(counted.sum())
     count = int(all_ranks_mean(count, world, op="sum"))
     correct = {t: all_ranks_mean(c, world, op="sum") for t, c in correct.items()}  # halves and wholes: exact
     if count == 0:
@@ -662,6 +689,7 @@ def train_command(args, rank=0, world=1):
 
     # Models: the frozen SD that makes the noisy x0-predictions, and the SPM, all of whose weights train.
     pipe = Pipeline(args.pretrained, device, dtype, vae=args.vae)
+    labeller = make_labeller(args, device)
     model = StepAwarePreferenceModel.from_pretrained(args.base, args.processor, args.init_checkpoint)
     if args.init_checkpoint is None:  # again, from our seed: loading the CLIP may draw from the global RNG
         torch.manual_seed(args.seed)
@@ -707,7 +735,7 @@ def train_command(args, rank=0, world=1):
 
     def evaluate_and_log():  # every rank evaluates its share of the validation batches
         model.eval()
-        accuracy, count = evaluate(model, pipe, valid_units, args, autocast, rank, world)
+        accuracy, count = evaluate(model, pipe, valid_units, args, autocast, rank, world, labeller)
         model.train()
         if main_rank:
             print_accuracy(accuracy, count, f"step {step}")
@@ -721,7 +749,7 @@ def train_command(args, rank=0, world=1):
     uncond = pipe.encode_negative(1, pixels)  # one row: the empty negative prompt of CFG
     # Each rank's share of one endless shuffled stream (epochs repeat): no rank ever runs out before another.
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
-                     rank=rank, world=world)
+                     rank=rank, world=world, labeller=labeller)
     data = batches(rows, args.batch_size, device)
     if step == 0:
         evaluate_and_log()  # the starting point, as the reference's eval_on_start
@@ -770,7 +798,7 @@ def eval_command(args, rank=0, world=1):
     device, dtype, autocast = precision_setup(args, world)
     pipe = Pipeline(args.pretrained, device, dtype, vae=args.vae) if any(t > 0 for t in args.eval_timesteps) else None
     model = load_preference_model(args.kind, args.base, args.processor, args.checkpoint, device=device)
-    accuracy, count = evaluate(model, pipe, units, args, autocast, rank, world)
+    accuracy, count = evaluate(model, pipe, units, args, autocast, rank, world, make_labeller(args, device))
     if rank == 0:
         print_accuracy(accuracy, count, args.checkpoint or args.kind)
     return accuracy
@@ -792,6 +820,8 @@ TRAIN_DEFAULTS = {
 TRAIN_DEFAULTS["sdxl"] = dict(TRAIN_DEFAULTS["sd15"], max_steps=7000, lr=1e-6)
 TRAIN_DEFAULTS["tiny-sdxl"] = TRAIN_DEFAULTS["tiny"]
 EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
+# The reference trains SDXL's SPM on PickScore's labels of the Pick-a-Pic pairs (its sdxl_spm task), not the humans'.
+PICKSCORE_LABELS = {"sdxl": 0.1, "tiny-sdxl": 0.1}
 
 
 def load_image(path):
@@ -824,6 +854,8 @@ def fill_defaults(args):
     """Flags, then the --model preset: the first that gives a value wins. Returns the problems found without
     loading any model, so a typo costs a second and writes nothing."""
     preset = PRESETS[args.model]
+    if getattr(args, "pickscore_labels", None) is ...:  # not given: the preset's
+        args.pickscore_labels = PICKSCORE_LABELS.get(args.model)
     for key, value in dict(pretrained=preset["pretrained"], vae=preset["vae"], resolution=preset["resolution"],
                            base=preset["spm_base"], processor=preset["spm_processor"],
                            **TRAIN_DEFAULTS[args.model] if args.command == "train" else {}).items():
@@ -839,6 +871,8 @@ def fill_defaults(args):
     problems = [f"{flag(k)} must be > 0, got {getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
     problems += [f"--eval-timesteps must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {t}"
                  for t in args.eval_timesteps if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    if args.command != "score" and args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
+        problems.append(f"--pickscore-labels must be in [0, 1) or none, got {args.pickscore_labels}")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         problems.append(f"--device must be cpu or cuda[:N], got {args.device}")
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -857,6 +891,10 @@ def fill_defaults(args):
         import pyarrow  # noqa: F401 -- the optional extra, needed only by train and eval
     except ImportError:
         raise UserError(f"'{args.command}' reads parquet shards with pyarrow: pip install pyarrow") from None
+
+
+def threshold_or_none(value):
+    return None if value == "none" else float(value)
 
 
 def main(argv=None):
@@ -886,6 +924,9 @@ def main(argv=None):
         p.add_argument("--batch-size", type=int, help="pairs per forward, per GPU (default: 16)")
         p.add_argument("--cfg", type=float, default=5.0, help="CFG scale of the x0-prediction (empty negative)")
         p.add_argument("--eval-timesteps", type=int, nargs="+", default=list(EVAL_TIMESTEPS))
+        p.add_argument("--pickscore-labels", metavar="THRESHOLD", default=..., type=threshold_or_none,
+                       help="replace the human labels by PickScore's preference where it exceeds THRESHOLD, "
+                            "else a tie; 'none' keeps the human labels (default: sdxl 0.1, else none)")
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", help="default: cuda if available")
         p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")

@@ -948,6 +948,30 @@ def test_spm_training_runs_on_the_sdxl_pipeline(dataset, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert set(records[-1]["accuracy"]) == {"0", "501"}
+    # The SDXL presets train on PickScore's labels (threshold 0.1); evaluation leaves out what PickScore calls a tie.
+    assert json.loads((out / "config.json").read_text())["pickscore_labels"] == 0.1
+    assert records[-1]["pairs"] < 64, "PickScore's ties should be left out of the validation accuracy"
+
+
+def test_pickscore_labels_follow_pickscore_on_the_full_size_images(dataset):
+    from PIL import Image
+    import pyarrow.parquet as pq
+
+    stub = lambda images, prompts: torch.tensor([0.0, math.log(3)])  # softmax (0.25, 0.75): p_1 - p_0 = 0.5
+    assert pm.pickscore_labeller(stub, 0.4)("a cat", None, None) == (0.0, 1.0)
+    assert pm.pickscore_labeller(stub, 0.6)("a cat", None, None) == (0.5, 0.5), "below the threshold: a tie"
+    pickscore = pm.PickScoreOnImages("tiny", "tiny")
+    units = pm.row_groups(pm.find_shards(str(dataset), pm.SPLITS["validation"]))
+    rows = list(pm.read_rows(units, 16, True, labeller=pm.pickscore_labeller(pickscore, 0.0)))
+    table = pq.read_table(next(dataset.glob("validation_unique-*.parquet"))).to_pylist()
+    table = [r for r in table if r["has_label"]]
+    assert len(rows) == len(table) == 64
+    human = [(r["label_0"], r["label_1"]) for r in table]
+    ours = [(row[3], row[4]) for row in rows]
+    assert ours != human, "the labels must be PickScore's, not the humans'"
+    for row, r in zip(rows, table):
+        s0, s1 = pickscore([Image.open(io.BytesIO(r[c])).convert("RGB") for c in ("jpg_0", "jpg_1")], [r["caption"]])
+        assert (row[3], row[4]) == ((1.0, 0.0) if s0 > s1 else (0.0, 1.0)), "the label must follow PickScore's ranking"
 
 
 class Exploit:

@@ -121,7 +121,7 @@ def parse_args(argv=None):
         presets = "".join(f", {m}: {o[f.name]}" for m, o in PRESET_OVERRIDES.items() if f.name in o)
         kw = dict(default=None, help=comment if default is None and "default" in comment else
                   f"{comment} (default: {'none' if default is None else default}{presets})")
-        if isinstance(default, bool):
+        if f.type in (bool, "bool"):  # --compile / --no-compile; a None default leaves it to the device
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
             p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(default[0]), **kw)

@@ -643,6 +643,15 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
 ]
 
 
+def test_switches_are_flags_even_when_their_default_depends_on_the_device():
+    parse = lambda *flags: spo.parse_args(["--model", "tiny", *flags])
+    assert parse("--compile").compile is True and parse("--no-compile").compile is False
+    assert parse().compile is False, "on a CPU machine compile defaults to off"
+    assert parse("--gradient-checkpointing").gradient_checkpointing is True
+    with pytest.raises(UserError, match="unrecognized arguments: false"):
+        parse("--compile", "false")  # it once took a string, and "false" was truthy
+
+
 @pytest.mark.parametrize("flags,message", BAD_RUNS, ids=[f[0][0] for f in BAD_RUNS])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
     out = tmp_path / "run"

@@ -715,6 +715,8 @@ def benchmark(cfg):
                 torch.cuda.reset_peak_memory_stats(m.device)
             step = timer.wrap("training (all)", optimizer_step, lambda pipe, policy, ref, micro, *a: sum(len(x["t"]) for x in micro))
             n, tb = len(pairs["t"]), cfg.train_batch_size
+            own_parent = int(pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(dim=1).sum())  # SDXL's inner steps
+            timer.items["training parents"] = timer.items.get("training parents", 0) + n + own_parent
             for start in range(0, n, tb * cfg.grad_accum):
                 idx = torch.arange(start, min(n, start + tb * cfg.grad_accum), device=m.device)
                 micro = [{key: v[i] for key, v in pairs.items()} for i in idx.split(tb)]
@@ -742,7 +744,8 @@ def benchmark(cfg):
     unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
     print(f"per prompt: {unet_calls} sampling UNet samples (CFG-batched), {per_prompt('VAE decode'):.0f} VAE decodes, "
           f"{per_prompt('preference model'):.0f} preference image and {per_prompt('preference text'):.0f} text forwards, "
-          f"{per_prompt('training (all)'):.1f} training pairs (2 UNet passes each, 1 with backward)")
+          f"{per_prompt('training (all)'):.1f} training pairs from {per_prompt('training parents'):.1f} parent latents "
+          f"(each: a policy UNet pass with backward and a reference pass, CFG-batched)")
     print(f"{flops / b / 1e12:.3g} TFLOP per prompt (counted on the warm-up batch), {achieved:.3g} TFLOP/s"
           + (f", MFU {achieved / peak:.1%} of the {peak} TFLOP/s bf16 peak" if peak else ""))
     if memory:

@@ -2032,8 +2032,19 @@ def test_benchmark_smoke_on_cpu(capsys):
     for row in ("sampling UNet", "VAE decode", "preference model", "training forward/backward", "optimizer", "TFLOP"):
         assert row in out, f"missing {row!r} in:\n{out}"
     # 6 steps, pools of 3 from step 2: 2 + 1 + 3 * 3 UNet samples, 3 * 4 decodes and scores, 4 pairs at threshold 0
-    assert "12 sampling UNet samples" in out and "12 VAE decodes" in out and "4.0 training pairs" in out
+    assert "12 sampling UNet samples" in out and "12 VAE decodes" in out
+    assert "4.0 training pairs from 4.0 parent latents" in out, "SD1.5 pairs share their parent"
     assert not Path("/nonexistent/never-written").exists()
+
+
+def test_sdxl_benchmark_counts_the_inner_steps(capsys):
+    """SDXL's chunks: 8 steps, pools of 2 at steps 2 and 6, 3 inner steps. 6 transitions per prompt become pairs;
+    the first of each chunk shares its parent, the 4 inner ones need a second: 10 parent latents."""
+    spo.main(["--model", "tiny-sdxl", "--random-init", "--benchmark", "1", "--steps", "8", "--divert-start-step", "2",
+              "--resolution", "16", "--sample-batch-size", "2", "--threshold", "0", "--out", "/nonexistent/never"])
+    out = capsys.readouterr().out
+    assert "13 sampling UNet samples" in out and "4 VAE decodes" in out  # 2 + 1 + 2 * 5; 2 judgements of 2
+    assert "6.0 training pairs from 10.0 parent latents" in out
 
 
 def test_sample_benchmark_smoke_on_cpu(capsys):

@@ -367,7 +367,7 @@ class Pipeline:
                     setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
                 except Exception as err:
                     raise cannot_load(sub, pretrained, err, "--pretrained") from None
-        if vae:
+        if vae and not random_init:  # random-init builds the preset's VAE (for SDXL with the fp16-fix config)
             offline_if_hub_unreachable(vae)
             try:
                 self.vae = AutoencoderKL.from_pretrained(vae)
@@ -418,9 +418,11 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents, chunk=8):
-        """Latents -> images in [-1, 1] (not clamped), in chunks so VAE memory stays bounded."""
-        out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-               for z in latents.split(chunk)]
+        """Latents -> images in [-1, 1] (not clamped), in chunks so VAE memory stays bounded. The VAE runs in its
+        own dtype, outside any autocast: an fp32 VAE (SDXL's own) would overflow in fp16."""
+        with torch.autocast(latents.device.type, enabled=False):
+            out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                   for z in latents.split(chunk)]
         return torch.cat(out).float()
 
 

@@ -347,10 +347,16 @@ def derived_seed(cfg, *parts):
 
 def make_score_fn(scorer, prompts, k):
     """Bind the batch's prompts to the preference model. Prompts go through the preference model's own
-    tokenizer, and their text features are computed once, not once per candidate and step."""
+    tokenizer, and their text features are computed once, not once per candidate and step. The judge runs in
+    its own dtype (fp32), outside the run's autocast, as in the official code (its LoRA runs use no autocast)."""
     input_ids = scorer.tokenize(prompts)
-    text = scorer.encode_text(input_ids).repeat(k, 1)  # (b, d) -> (k * b, d), sample-major
-    return lambda images, t: scorer.score(images, None, t, text_features=text)
+    with torch.autocast(input_ids.device.type, enabled=False):
+        text = scorer.encode_text(input_ids).repeat(k, 1)  # (b, d) -> (k * b, d), sample-major
+
+    def score(images, t):
+        with torch.autocast(images.device.type, enabled=False):
+            return scorer.score(images, None, t, text_features=text)
+    return score
 
 
 @torch.no_grad()
@@ -439,6 +445,8 @@ def load_checkpoint(folder, unet, optimizer, scaler, device):
     scaler.load_state_dict(state["scaler"])
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
+    if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
+        pending["text"], pending["x_t_lose"] = pending.pop("cond"), pending["x_t"]
     return progress, pending
 
 
@@ -545,7 +553,9 @@ def train(cfg, scorer=None, rank=0, world=1):
     position, global_step, pending = (0, 0, 0), 0, None
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
-        changed = [k for k in RESUMABLE_SETTINGS if saved.get(k) != json.loads(json.dumps(getattr(cfg, k)))]
+        # a setting added since the run started has its default there
+        changed = [k for k in RESUMABLE_SETTINGS
+                   if saved.get(k, getattr(Config, k)) != json.loads(json.dumps(getattr(cfg, k)))]
         if changed:
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
         ckpts = checkpoint_dirs(out)
@@ -754,11 +764,11 @@ def benchmark(cfg):
 
 
 # Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
-RESUMABLE_SETTINGS = ("model", "pretrained", "init_lora", "preference", "preference_model", "preference_processor",
-                      "preference_checkpoint", "vae", "seed", "resolution", "steps", "eta", "cfg", "divert_start_step", "k",
-                      "num_inner_step", "pool_at_last_step",
-                      "threshold", "beta", "eps", "lr", "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size",
-                      "train_batch_size", "grad_accum", "max_grad_norm", "precision")
+RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "preference_model",
+                      "preference_processor", "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg",
+                      "divert_start_step", "k", "num_inner_step", "pool_at_last_step", "threshold", "beta", "eps", "lr",
+                      "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size", "train_batch_size", "grad_accum",
+                      "max_grad_norm", "precision")
 
 
 def main(argv=None):

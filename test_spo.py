@@ -983,6 +983,38 @@ def test_pickscore_labels_follow_pickscore_on_the_full_size_images(dataset):
         assert (row[3], row[4]) == ((1.0, 0.0) if s0 > s1 else (0.0, 1.0)), "the label must follow PickScore's ranking"
 
 
+def test_sdxl_random_init_needs_no_download_even_with_a_vae_preset():
+    """--random-init builds every part, the VAE included (the preset's --vae is a hub id: no download offline)."""
+    pipe = D.Pipeline(D.PRESETS["sdxl"]["pretrained"], device="meta", random_init="sdxl", vae="/nonexistent/vae")
+    assert pipe.is_sdxl and pipe.vae.config.scaling_factor == 0.13025
+
+
+def test_vae_and_judge_run_in_their_own_dtype_under_autocast():
+    """Sampling runs under the run's autocast, but an fp32 VAE (SDXL's own overflows in fp16) and the fp32 judge
+    (the official code scores in fp32) must not be cast down by it."""
+    pipe = D.Pipeline("tiny-sdxl")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    score = spo.make_score_fn(pm.load_preference_model("spm", "tiny", "tiny", "tiny"), ["a red cat"], 2)
+    plain = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
+    with torch.autocast("cpu", torch.bfloat16):
+        cast = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
+    assert torch.equal(plain[0], cast[0]), "the VAE ran in bf16 under autocast"
+    assert torch.equal(plain[1], cast[1]), "the preference model ran in bf16 under autocast"
+
+
+def test_runs_from_before_sdxl_resume(tiny_run, tmp_path):
+    """config.json of older runs lacks the settings added since (vae, num_inner_step, pool_at_last_step): their
+    defaults apply, so --resume accepts the run."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out)
+    config = json.loads((out / "config.json").read_text())
+    for key in ("vae", "num_inner_step", "pool_at_last_step"):
+        del config[key]
+    (out / "config.json").write_text(json.dumps(config))
+    spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])  # one more epoch
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
 class Exploit:
     """Unpickling this would run code: it must never happen."""
 

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -120,6 +121,25 @@ def all_ranks_mean(value, world, op="mean"):
     t = torch.tensor([float(value)], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return t.item() / (world if op == "mean" else 1)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current optimizer
+    step, writes a checkpoint and exits cleanly. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------

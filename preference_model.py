@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write, build_once,
-                       cannot_load, ddim_step, offline_if_hub_unreachable, predict_noise, quiet_libraries, resolve_file,
-                       setup_distributed, take, write_tiny_tokenizer)
+from diffusion import (PRESETS, ArgumentParser, Pipeline, StopSignal, UserError, all_ranks_mean, atomic_write,
+                       build_once, cannot_load, ddim_step, offline_if_hub_unreachable, predict_noise, quiet_libraries,
+                       resolve_file, setup_distributed, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 PREFERENCE_FLAGS = ("--preference-model", "--preference-processor", "--preference-checkpoint")  # in spo/sample
@@ -672,7 +672,7 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
 def train_command(args, rank=0, world=1):
     """Train on one rank of `world` (torchrun): each rank reads its own share of the pairs (read_rows), the
     gradients are averaged over ranks (DDP) on the last micro-batch of each accumulation group, every rank runs
-    the same optimizer steps, and only rank 0 writes files."""
+    the same optimizer steps, and only rank 0 writes files. Returns the SPM, or None when a signal stopped the run."""
     out, main_rank = Path(args.out), rank == 0
     train_units = row_groups(find_shards(args.data, SPLITS["train"]))
     valid_units = row_groups(find_shards(args.data, SPLITS["validation"]))
@@ -741,6 +741,9 @@ def train_command(args, rank=0, world=1):
             print_accuracy(accuracy, count, f"step {step}")
         log(dict(step=step, accuracy={str(t): a for t, a in accuracy.items()}, pairs=count))
 
+    def checkpoint():
+        save_training_checkpoint(out, model, optimizer, scaler, {"step": step, "micro": micro, "world_size": world})
+
     if main_rank:
         print(f"{sum(u[3] for u in train_units)} training pairs; {args.batch_size} pairs x {args.grad_accum} "
               f"accumulation x {world} {'rank' if world == 1 else 'ranks'} = "
@@ -751,42 +754,50 @@ def train_command(args, rank=0, world=1):
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
                      rank=rank, world=world, labeller=labeller)
     data = batches(rows, args.batch_size, device)
-    if step == 0:
-        evaluate_and_log()  # the starting point, as the reference's eval_on_start
-    progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
-    while step < args.max_steps:
-        lr = args.lr * lr_factor(step, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total = 0.0
-        for i in range(args.grad_accum):
-            captions, im0, im1, l0, l1, n = next(data)
-            # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
-            gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + micro * world + rank)
-            t = torch.randint(0, pipe.num_train_timesteps, (len(captions),), generator=gen, device=device)
-            x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions, pixels), uncond, t, gen, args.cfg)
-            sync = world == 1 or i == args.grad_accum - 1  # all-reduce the gradients on the last micro-batch only
-            with contextlib.nullcontext() if sync else scorer.no_sync():
-                with autocast:
-                    s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
-                loss = preference_loss(s0, s1, l0, l1, n) / args.grad_accum  # the mean over micro-batches
-                scaler.scale(loss).backward()
-            total += loss.item()
-            micro += 1
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # of the averaged gradients
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress_bar.update()
-        log(dict(step=step, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm.item()))
-        if step % args.eval_every == 0 or step == args.max_steps:
-            evaluate_and_log()
-            if main_rank:
-                save_training_checkpoint(out, model, optimizer, scaler,
-                                         {"step": step, "micro": micro, "world_size": world})
-    progress_bar.close()
+    with StopSignal() as stop:
+        if step == 0:
+            evaluate_and_log()  # the starting point, as the reference's eval_on_start
+        progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
+        while step < args.max_steps:
+            # A signal to any rank stops all of them before the same step (one all-reduce per step).
+            if all_ranks_mean(float(stop.signum is not None), world, op="sum"):
+                if main_rank:
+                    checkpoint()
+                    print(f"stopped by a signal: checkpoint {out / 'checkpoints' / f'step-{step}'}; continue with the "
+                          f"same command plus --resume")
+                progress_bar.close()
+                return None
+            lr = args.lr * lr_factor(step, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for i in range(args.grad_accum):
+                captions, im0, im1, l0, l1, n = next(data)
+                # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
+                gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + micro * world + rank)
+                t = torch.randint(0, pipe.num_train_timesteps, (len(captions),), generator=gen, device=device)
+                x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions, pixels), uncond, t, gen, args.cfg)
+                sync = world == 1 or i == args.grad_accum - 1  # all-reduce the gradients on the last micro-batch only
+                with contextlib.nullcontext() if sync else scorer.no_sync():
+                    with autocast:
+                        s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
+                    loss = preference_loss(s0, s1, l0, l1, n) / args.grad_accum  # the mean over micro-batches
+                    scaler.scale(loss).backward()
+                total += loss.item()
+                micro += 1
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # of the averaged gradients
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress_bar.update()
+            log(dict(step=step, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm.item()))
+            if step % args.eval_every == 0 or step == args.max_steps:
+                evaluate_and_log()
+                if main_rank:
+                    checkpoint()
+        progress_bar.close()
     if main_rank:
         save_checkpoint(model, out / "spm.safetensors")
         print(f"SPM written to {out / 'spm.safetensors'} (use it with spo.py --preference-checkpoint)")

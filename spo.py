@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, TINY_MODELS, ArgumentParser, Pipeline, UserError, all_ranks_mean, atomic_write,
-                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora, load_safetensors,
-                       lora_disabled, predict_noise, read_prompts, save_grid, save_lora, setup_distributed, take)
+from diffusion import (PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, UserError, all_ranks_mean,
+                       atomic_write, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora,
+                       load_safetensors, lora_disabled, predict_noise, read_prompts, save_grid, save_lora,
+                       setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -448,25 +448,6 @@ def load_checkpoint(folder, unet, optimizer, scaler, device):
     if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
         pending["text"], pending["x_t_lose"] = pending.pop("cond"), pending["x_t"]
     return progress, pending
-
-
-class StopSignal:
-    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current optimizer
-    step, writes a checkpoint and exits cleanly. A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 class TrainingAborted(Exception):

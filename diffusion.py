@@ -829,13 +829,20 @@ def predict_noise(unet, x, t, cond, uncond, cfg):
 @torch.no_grad()
 def ddim_sample(pipe, unet, cond, uncond, latents, steps, cfg, eta=0.0, generator=None):
     """Plain DDIM sampling from initial latents (b, 4, h, w) with conditioning dicts of b rows; returns the final
-    latents."""
+    latents. With eta > 0 each step draws noise from `generator`, or from generator[i] for image i when it is a
+    list (as diffusers does with a list of generators), so an image's noise does not depend on its batch."""
     step_ratio = pipe.num_train_timesteps // steps
     for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
         tt = torch.full((latents.shape[0],), t, device=latents.device)
         eps = predict_noise(unet, latents, tt, cond, uncond, cfg)
         _, _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device) if eta > 0 else 0
+        if eta == 0:
+            noise = 0
+        elif isinstance(generator, list):
+            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, device=latents.device)
+                               for g in generator])
+        else:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         latents = mean + std.view(-1, 1, 1, 1) * noise
     return latents
 

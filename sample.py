@@ -71,8 +71,7 @@ def parse_args(argv=None):
     add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
     add("--width", type=int, help=f"pixels, a multiple of 8 ({sizes})")
     add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
-    add("--batch-size", type=int, default=4, help="images per UNet call (4); with --eta > 0 one at a time, so "
-                                                  "that each image's step noise comes from its own seed")
+    add("--batch-size", type=int, default=4, help="images per UNet call (4)")
     add("--out", default="out", help="a .png file for a single image, else a folder (out)")
     add("--compare", action="store_true",
         help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
@@ -218,16 +217,14 @@ def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prom
     """One image per (prompt, seed), (b, 3, H, W) in [-1, 1], in one batch. Image i starts from noise drawn by a
     generator on the run's device seeded with seeds[i], as diffusers' pipeline with
     generator=torch.Generator(device).manual_seed(seed) (CPU and CUDA generators draw different numbers), so
-    base and LoRA images see the same noise. With eta > 0, ddim_sample draws each step's noise from one
-    generator: pass one image at a time then, or every image would share the first one's step noise."""
-    assert eta == 0 or len(prompts) == 1, "with eta > 0, sample one image per call"
+    base and LoRA images see the same noise; with eta > 0 its step noise comes from that generator too."""
     device = pipe.unet.device
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     latents = torch.cat([torch.randn(shape, generator=g, device=device) for g in generators])  # (b, 4, h, w)
     cond = pipe.encode_prompts(prompts, (height, width))
     uncond = pipe.encode_negative(len(prompts), (height, width), negative_prompt)
-    latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators[0])
+    latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators)
     return pipe.decode(latents)
 
 
@@ -256,7 +253,7 @@ def image_path(args, index, prompt, seed, tag):
 
 def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
     """Generate and save every (index, prompt, seed) job, in batches; returns the PIL images and their paths."""
-    batch = args.batch_size if args.eta == 0 else 1
+    batch = args.batch_size
     images, paths = [], []
     with lora_on(with_lora):
         for start in range(0, len(jobs), batch):
@@ -380,14 +377,12 @@ def benchmark(args, pipe):
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def ours():
-        for i in range(b) if args.eta > 0 else [slice(None)]:  # eta > 0: one image per call, see generate
-            take = lambda xs: xs[i:i + 1] if args.eta > 0 else xs
-            generate(pipe, take(prompts), take(seeds), args.steps, args.cfg, args.eta, args.height, args.width,
-                     args.negative_prompt)
+        generate(pipe, prompts, seeds, args.steps, args.cfg, args.eta, args.height, args.width, args.negative_prompt)
 
     def theirs():
+        negative = [args.negative_prompt] * b if args.negative_prompt else None  # None: SDXL's zeros, as ours
         reference(prompts, height=args.height, width=args.width, num_inference_steps=args.steps,
-                  guidance_scale=args.cfg, eta=args.eta, negative_prompt=[args.negative_prompt] * b if args.negative_prompt else None, output_type="pt",
+                  guidance_scale=args.cfg, eta=args.eta, negative_prompt=negative, output_type="pt",
                   generator=[torch.Generator(device).manual_seed(s) for s in seeds])
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

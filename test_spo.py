@@ -1,7 +1,8 @@
 """Tests that read as the specification of this project.
 
 Where the official SPO code defines the math, we check ours against the golden vectors taken from
-it (../shared/golden, see its README). Everything runs offline on CPU in well under a minute.
+it (../shared/golden, see its README); diffusers is the reference for the sampler and LoRA files. Everything
+runs offline on CPU (see README.md for how long).
 
     python -m pytest -x -q test_spo.py
 """
@@ -2161,4 +2162,5 @@ def test_help_documents_every_setting_with_its_default(capsys):
     assert exit_info.value.code == 0
     for f in dataclasses.fields(spo.Config):
         assert "--" + f.name.replace("_", "-") in text, f"--help lacks --{f.name}"
-    assert "passes over the prompts (default: 10, tiny: 2)" in text and "DPO temperature (default: 10.0)" in text
+    assert "passes over the prompts (default: 10, tiny: 2, tiny-sdxl: 2)" in text
+    assert "candidates per pool (default: 4, sdxl: 2, tiny-sdxl: 2)" in text and "DPO temperature (default: 10.0)" in text

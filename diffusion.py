@@ -424,7 +424,8 @@ class Pipeline:
         if self.is_sdxl:
             h, w = size  # SDXL's size conditioning: original size, crop top-left (0, 0), target size
             cond["pooled"] = out.text_embeds  # the second encoder's projected end-of-text token
-            cond["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device).expand(len(prompts), 6)
+            size_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device)
+            cond["time_ids"] = size_ids.expand(len(prompts), 6)  # (1, 6) -> (b, 6)
         return cond
 
     @torch.no_grad()

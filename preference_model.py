@@ -463,8 +463,9 @@ def check_labels(row, where):
 def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world=1, block=1, labeller=None):
     """Yield pairs (caption, image_0, image_1, label_0, label_1, n) from the units in order, or, with a seed,
     forever in a fresh shuffle per epoch. labeller(caption, image_0, image_1) -> (label_0, label_1) replaces the
-    human labels (pickscore_labeller); it sees the full-size images. A 190 GB dataset cannot be shuffled globally without random access,
-    so we shuffle the order of row groups and the rows inside each (the reference shuffles all rows).
+    human labels (pickscore_labeller); it sees the full-size images. A 190 GB dataset cannot be shuffled globally
+    without random access, so we shuffle the order of row groups and the rows inside each (the reference shuffles
+    all rows).
     Several ranks share one stream: number the pairs it keeps 0, 1, 2, ... (across epochs); rank r takes the
     blocks of `block` consecutive pairs whose index is r modulo world, so the ranks' shares are disjoint, cover
     the stream and never run dry before one another. Every rank reads each row group's bytes but decodes only

@@ -69,7 +69,7 @@ class Config:
     divert_start_step: int = 4  # first step that draws a candidate pool; earlier steps are plain DDIM
     k: int = 4  # candidates per pool
     num_inner_step: int = 0  # steps each candidate takes on its own before the pool is judged
-    pool_at_last_step: bool = True  # the last step draws a pool too (SD1.5 reference); else it joins the last chunk (SDXL)
+    pool_at_last_step: bool = True  # SD1.5 reference: the last step draws a pool; SDXL: it joins the last chunk
     threshold: float = 0.3  # keep a pair only if softmax([s_win, s_lose])[0] - [1] > threshold
     beta: float = 10.0  # DPO temperature
     eps: float = 0.1  # likelihood ratios are clamped to [1 - eps, 1 + eps]

@@ -713,18 +713,23 @@ def assert_same_run(a, b):
 
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tiny_run, tmp_path):
+    """Three SIGKILLs at seeded random points of the run's progress (after its n-th optimizer step, plus a random
+    delay into the next), each followed by --resume; the end equals the uninterrupted run. Kill points follow
+    progress, not the clock, so a fast or a loaded machine kills at the same places."""
     out, rng = tmp_path / "killed", random.Random(20241127)  # the kill points come from this seed
     args = FAST + ["--out", str(out), "--save-every", "1"]
+    metrics, total = out / "metrics.jsonl", len((tiny_run / "metrics.jsonl").read_text().splitlines())
     kills = 0
-    for _ in range(3):
+    for after in sorted(rng.sample(range(1, total), 3)):
         proc = run_spo(args + (["--resume"] if (out / "config.json").exists() else []),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(7, 13))  # start-up takes ~6 s, the run ~8 s more
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= after):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.5))
+        if proc.poll() is None:
             proc.kill()  # SIGKILL: no chance to clean up
-            proc.wait()
             kills += 1
+        proc.wait()
     last = run_spo(args + (["--resume"] if (out / "config.json").exists() else []), stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE)
     stdout, stderr = last.communicate(timeout=120)

@@ -97,12 +97,14 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        # Always in fp32: in bf16, t = 951 would round to 952 before the sin/cos ever see it.
+        # Always in fp32, autocast or not (in_own_dtype keeps these weights fp32 too): in bf16, t = 951 would round
+        # to 952 before the sin/cos ever see it, and neighbouring steps would share one embedding.
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (b, 128)
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (b, 256), cos first
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        with torch.autocast(t.device.type, enabled=False):
+            return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 def add_time_conditioning(clip):
@@ -136,6 +138,18 @@ def init_time_conditioning(clip):
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+def in_own_dtype(model, device, dtype):
+    """The preference model in dtype on device, but for the SPM's timestep embedding, which keeps its fp32
+    weights: it is set aside while the rest is cast, since a round trip through bf16 would round them."""
+    t_embedder = getattr(model.model, "t_embedder", None)
+    if t_embedder is not None:
+        del model.model.t_embedder
+    model.to(device=device, dtype=dtype)
+    if t_embedder is not None:
+        model.model.t_embedder = t_embedder.to(device=device, dtype=torch.float32)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +196,7 @@ class PickScoreModel(nn.Module):
         model = cls(clip, tokenizer, size, settings["image_mean"], settings["image_std"])
         if checkpoint is not None:
             load_checkpoint(model, checkpoint, flags[2])
-        return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
 
     @property
     def device(self):
@@ -262,7 +276,7 @@ class StepAwarePreferenceModel(PickScoreModel):
     def image_features(self, pixels, timesteps):
         # We drive CLIP's vision layers ourselves, so that each one is modulated by t (DiT's adaLN-Zero block).
         vision = self.model.vision_model
-        t_emb = self.model.t_embedder(timesteps)  # (b, D)
+        t_emb = self.model.t_embedder(timesteps).to(self.model.dtype)  # (b, D), computed in fp32
         h = vision.pre_layrnorm(vision.embeddings(pixels.to(self.model.dtype)))  # (b, 1 + patches, D)
         for layer in vision.encoder.layers:
             modulation = layer.adaLN_modulation(t_emb)[:, None, :]  # (b, 1, 6D), broadcast over tokens
@@ -299,7 +313,7 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
     with torch.device(device):
         clip = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
     model = classes[kind](clip, tokenizer, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
 
 
 class PickScoreOnImages:

@@ -82,6 +82,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step (within one prompt batch's pairs)
     max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
+    preference_precision: str = "fp32"  # the judge's weights (its timestep embedding stays fp32); official: fp32
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower training
     device: str = None  # default cuda if available
@@ -107,7 +108,9 @@ PRESET_OVERRIDES = {
 }
 TINY_PROMPTS = ["a photo of a cat", "a red dog", "a beautiful lake", "an image of the lake", "a cat on a dog",
                 "a photo of a red lake", "the dog", "a beautiful photo of a cat"]
-CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"]}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"],
+           "preference_precision": ["fp16", "bf16", "fp32"]}
 
 
 def parse_args(argv=None):
@@ -348,7 +351,8 @@ def derived_seed(cfg, *parts):
 def make_score_fn(scorer, prompts, k):
     """Bind the batch's prompts to the preference model. Prompts go through the preference model's own
     tokenizer, and their text features are computed once, not once per candidate and step. The judge runs in
-    its own dtype (fp32), outside the run's autocast, as in the official code (its LoRA runs use no autocast)."""
+    its own dtype (fp32 as the official code, or --preference-precision), outside the run's autocast (the
+    official LoRA runs use no autocast)."""
     input_ids = scorer.tokenize(prompts)
     with torch.autocast(input_ids.device.type, enabled=False):
         text = scorer.encode_text(input_ids).repeat(k, 1)  # (b, d) -> (k * b, d), sample-major
@@ -485,7 +489,7 @@ def setup_models(cfg, scorer=None, world=1):
     """Device and precision, the frozen pipeline with the LoRA injected, the views of its UNet, the judge and the
     optimizer. Frozen weights are in the run's dtype, LoRA parameters in fp32."""
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg.device == "cuda" and world > 1 else cfg.device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.precision]
+    dtype = DTYPES[cfg.precision]
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -509,7 +513,8 @@ def setup_models(cfg, scorer=None, world=1):
                                       broadcast_buffers=False)
         policy = torch.compile(ddp) if cfg.compile else ddp
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
-                                             cfg.preference_checkpoint, device=device, dtype=torch.float32,
+                                             cfg.preference_checkpoint, device=device,
+                                             dtype=DTYPES[cfg.preference_precision],
                                              flags=PREFERENCE_FLAGS,
                                              random_init=cfg.random_init and cfg.model not in TINY_MODELS)
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
@@ -725,7 +730,7 @@ def benchmark(cfg):
     peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in gpu), None)
     achieved = flops / b / total / 1e12  # FLOPs of the warm-up batch per prompt, over seconds per prompt
     print(f"\nbenchmark: {gpu}, {cfg.model}{' random-init' if cfg.random_init else ''}, {cfg.precision}, "
-          f"compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
+          f"judge {cfg.preference_precision}, compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
     print(f"{'phase':<28}{'s/prompt':>10}{'share':>8}")
     for name in ("sampling UNet", "VAE decode", "preference model", "preference text", "training forward/backward",
                  "optimizer"):
@@ -749,7 +754,7 @@ RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "
                       "preference_processor", "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg",
                       "divert_start_step", "k", "num_inner_step", "pool_at_last_step", "threshold", "beta", "eps", "lr",
                       "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size", "train_batch_size", "grad_accum",
-                      "max_grad_norm", "precision")
+                      "max_grad_norm", "precision", "preference_precision")
 
 
 def main(argv=None):

@@ -537,11 +537,28 @@ def test_tiny_preset_spm_is_step_aware():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_run_on_cpu(precision, tmp_path):
-    """Autocast with half-precision frozen weights (and the GradScaler for fp16) on the CPU: finite losses."""
+    """Autocast with half-precision frozen weights (and the GradScaler for fp16) and a half-precision judge on
+    the CPU: finite losses."""
     out = tmp_path / precision
-    spo.main(FAST[:-1] + ["1", "--precision", precision, "--out", str(out)])
+    spo.main(FAST[:-1] + ["1", "--precision", precision, "--preference-precision", precision, "--out", str(out)])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_timestep_embedding_stays_fp32_in_a_half_precision_spm(dtype):
+    """--preference-precision bf16/fp16 halves the SPM's weights but not its timestep embedding, which runs in
+    fp32 even under autocast: in bf16, t = 951 and 952 would share one sinusoid input."""
+    half, full = (pm.load_preference_model("spm", "tiny", "tiny", "tiny", dtype=d) for d in (dtype, torch.float32))
+    assert half.model.vision_model.encoder.layers[0].adaLN_modulation[1].weight.dtype == dtype
+    assert all(p.dtype == torch.float32 for p in half.model.t_embedder.parameters())
+    t = torch.tensor([951, 952])
+    with torch.autocast("cpu", dtype):
+        embedding = half.model.t_embedder(t)
+    assert embedding.dtype == torch.float32 and torch.equal(embedding, full.model.t_embedder(t))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = full.tokenize(["a red cat"] * 4)
+    torch.testing.assert_close(half.score(images, ids, 951), full.score(images, ids, 951), atol=0.15, rtol=0)
 
 
 def test_plain_pickscore_ablation_runs(tmp_path):

@@ -254,6 +254,11 @@ class PickScoreModel(nn.Module):
             text_features = self.encode_text(input_ids)
         if text_features.shape[0] not in (1, b):
             raise UserError(f"preference model: {text_features.shape[0]} prompts for {b} images")
+        return self.judge(images, timesteps, text_features)
+
+    def judge(self, images, timesteps, text_features):
+        """score() without its checks, for SPO's step loop, where the timestep check would make the host wait for
+        the device at every pool. timesteps: (b,), text_features: (b or 1, proj)."""
         return self.score_pixels(self.preprocess(images.to(self.device)), timesteps, text_features)
 
     def score_pixels(self, pixels, timesteps, text_features):

@@ -251,13 +251,15 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
         # Score the pool, and for prompts where the preference is clear keep every transition of the winner's and
         # the loser's chunk as a pair (x_t, x_t_lose -> win, lose), labelled with the timestep it was taken at:
         # it trains the step x_t -> x_{t-1} (golden README N7).
+        # The pairs that fail the threshold are dropped after the loop: a boolean mask here would make the host
+        # wait for the device at every pool.
         scores = score_fn(images, t_images.expand(k * b)).float()
         all_scores.append(scores)
         win, lose, valid = pick_win_lose(scores.view(k, b), cfg.threshold)  # (k * b,) -> (k, b)
         p = torch.arange(b, device=device)
         for parents, children, t in chunk:  # each (k, b, c, h, w), and the parents' timestep
-            kept.append(dict(x_t=parents[win, p][valid], x_t_lose=parents[lose, p][valid], t=t.expand(b)[valid],
-                             win=children[win, p][valid], lose=children[lose, p][valid], **take(cond, p[valid])))
+            kept.append(dict(x_t=parents[win, p], x_t_lose=parents[lose, p], t=t.expand(b), win=children[win, p],
+                             lose=children[lose, p], valid=valid, **take(cond, p)))
 
     x = randn(b, unet.config.in_channels, size, size)
     pool = chunk = None  # the candidates (k, b, c, h, w), and the transitions that led to them since the last pool
@@ -292,7 +294,8 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     # After the last step the members are images: score them themselves, at t = 0.
     judge(pipe.decode(pool.flatten(0, 1)), torch.zeros_like(t), chunk)
     pairs = {key: torch.cat([d[key] for d in kept]) for key in kept[0]}
-    return pairs, torch.cat(all_scores)
+    keep = pairs.pop("valid").nonzero().squeeze(1)  # the one sync: which rows are pairs
+    return {key: value[keep] for key, value in pairs.items()}, torch.cat(all_scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def make_score_fn(scorer, prompts, k):
 
     def score(images, t):
         with torch.autocast(images.device.type, enabled=False):
-            return scorer.score(images, None, t, text_features=text)
+            return scorer.judge(images, t, text)
     return score
 
 

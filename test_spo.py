@@ -8,6 +8,7 @@ runs offline on CPU (see README.md for how long).
 """
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -603,6 +604,9 @@ class RuleScorer:
         return torch.zeros(len(input_ids), 1)
 
     def score(self, images, input_ids, timesteps, text_features=None):
+        return self.judge(images, timesteps, text_features)
+
+    def judge(self, images, timesteps, text_features):
         return self.sign * 1000 * images.float().mean(dim=(1, 2, 3))
 
 
@@ -712,6 +716,41 @@ def test_torch_compile_of_the_lora_unet_matches_eager():
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([901, 1]), torch.randn(2, 16, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, cond).sample, pipe.unet(x, t, cond).sample, rtol=1e-4, atol=1e-5)
+
+
+class GraphCountAtEachJudgement:
+    """The tiny SPM, noting how many graphs torch.compile has made so far each time it judges a pool."""
+
+    def __init__(self):
+        self.spm, self.graphs = pm.load_preference_model("spm", "tiny", "tiny", "tiny"), []
+
+    def __getattr__(self, name):
+        return getattr(self.spm, name)
+
+    def judge(self, *args):
+        from torch._dynamo.utils import counters
+
+        self.graphs.append(counters["stats"]["unique_graphs"])
+        return self.spm.judge(*args)
+
+
+def test_compiled_training_compiles_nothing_after_its_first_batch(monkeypatch, tmp_path):
+    """The first batch compiles the UNet's graphs: sampling, its first pool (a larger batch), the training forward
+    (grad mode), the reference forward (LoRA off) and a micro-batch size range; later batches must reuse them.
+    Dynamo decides guards and recompiles, not the backend, so the eager backend counts them in about a minute
+    (the inductor run `TORCH_LOGS=recompiles python spo.py --model tiny --compile` made the same 6 graphs)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    scorer = GraphCountAtEachJudgement()
+    # Micro-batches of up to 5 pairs (10 rows): the tiny text encoder's 16 tokens make a batch of 16 rows a shape
+    # of its own (guards split the batch range there), which SD's 77 tokens never are for an even CFG batch.
+    spo.train(spo.parse_args(FAST + ["--compile", "--train-batch-size", "5", "--out", str(tmp_path / "run")]),
+              scorer=scorer)
+    per_batch = len(scorer.graphs) // 4  # 8 prompts in batches of 4, two epochs
+    assert len(scorer.graphs) == 4 * per_batch and scorer.graphs[0] >= 1
+    after_first = scorer.graphs[per_batch:]  # from the second batch's first pool, after the first batch trained
+    assert after_first[0] > scorer.graphs[per_batch - 1], "the first batch's training compiles its own graphs"
+    assert after_first[-1] == after_first[0], f"graphs compiled after the first batch: {scorer.graphs}"
 
 
 # ---- reliability: interrupted runs, untrusted files, numerical faults ----
@@ -875,6 +914,41 @@ def test_sdxl_pairs_match_a_hand_driven_replay(num_inner_step):
         assert torch.equal(pairs[key], value), f"pairs carry another prompt's {key}"
 
 
+class HostSyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: a tensor read as a Python number or bool, and the
+    ops whose output size depends on the data (nonzero, boolean-mask indexing)."""
+    aten = torch.ops.aten
+    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func.overloadpacket in (self.aten.index, self.aten.index_put, self.aten.index_put_) and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])
+        self.count += func.overloadpacket in self.SYNCING or masked
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_sampler_step_loop_never_waits_for_the_device(model):
+    """On a GPU a host-device sync inside the step loop stalls the kernel queue at every step. The sampler may
+    sync once it is done (choosing the kept pairs), so the count must not grow with the number of steps."""
+    pipe, counts = D.Pipeline(model), []
+    spm = pm.load_preference_model("spm", "tiny", "tiny", "tiny")
+    prompts = ["a red cat", "the dog"]
+    cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(2, (16, 16))
+    for steps in (8, 16):
+        cfg = spo.Config(model=model, steps=steps, divert_start_step=2, k=2, threshold=0.0, resolution=16,
+                         num_inner_step=1 if model == "tiny-sdxl" else 0)
+        with HostSyncCounter() as counter:
+            spo.sample_candidate_pool(pipe, pipe.unet, cond, uncond, spo.make_score_fn(spm, prompts, 2), cfg,
+                                      torch.Generator().manual_seed(0))
+        counts.append(counter.count)
+    assert counts[0] == counts[1], f"host-device syncs grow with the steps: {counts[0]} in 8 steps, {counts[1]} in 16"
+
+
 FAST_XL = ["--model", "tiny-sdxl", "--steps", "8", "--divert-start-step", "2", "--resolution", "16",
            "--sample-batch-size", "2", "--train-batch-size", "4", "--epochs", "2"]
 
@@ -888,11 +962,11 @@ class SignalDuring:
     def __getattr__(self, name):
         return getattr(self.spm, name)
 
-    def score(self, *args, **kwargs):
+    def judge(self, *args, **kwargs):
         self.n -= 1
         if self.n == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.spm.score(*args, **kwargs)
+        return self.spm.judge(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -141,14 +141,13 @@ def modulate(x, shift, scale):
 
 
 def in_own_dtype(model, device, dtype):
-    """The preference model in dtype on device, but for the SPM's timestep embedding, which keeps its fp32
-    weights: it is set aside while the rest is cast, since a round trip through bf16 would round them."""
-    t_embedder = getattr(model.model, "t_embedder", None)
-    if t_embedder is not None:
-        del model.model.t_embedder
-    model.to(device=device, dtype=dtype)
-    if t_embedder is not None:
-        model.model.t_embedder = t_embedder.to(device=device, dtype=torch.float32)
+    """The preference model on device, its two towers' weights in dtype. The rest stays fp32 whatever dtype: the
+    SPM's timestep embedding (in bf16, t = 951 and 952 would share one sinusoid input), logit_scale (it is
+    exponentiated: bf16 would shrink PickScore's 100 by 1.1%) and the pixel mean/std."""
+    model.to(device=device, dtype=torch.float32)
+    clip = model.model
+    for tower in (clip.text_model, clip.vision_model, clip.text_projection, clip.visual_projection):
+        tower.to(dtype)
     return model
 
 
@@ -232,7 +231,7 @@ class PickScoreModel(nn.Module):
 
     def image_features(self, pixels, timesteps):
         """(b, 3, S, S) pixels -> (b, proj) unnormalised image features. PickScore ignores timesteps."""
-        pooled = self.model.vision_model(pixel_values=pixels.to(self.model.dtype)).pooler_output
+        pooled = self.model.vision_model(pixel_values=pixels.to(self.model.vision_model.dtype)).pooler_output
         return self.model.visual_projection(pooled)
 
     def score(self, images, input_ids, timesteps, text_features=None):
@@ -281,8 +280,8 @@ class StepAwarePreferenceModel(PickScoreModel):
     def image_features(self, pixels, timesteps):
         # We drive CLIP's vision layers ourselves, so that each one is modulated by t (DiT's adaLN-Zero block).
         vision = self.model.vision_model
-        t_emb = self.model.t_embedder(timesteps).to(self.model.dtype)  # (b, D), computed in fp32
-        h = vision.pre_layrnorm(vision.embeddings(pixels.to(self.model.dtype)))  # (b, 1 + patches, D)
+        t_emb = self.model.t_embedder(timesteps).to(vision.dtype)  # (b, D), computed in fp32
+        h = vision.pre_layrnorm(vision.embeddings(pixels.to(vision.dtype)))  # (b, 1 + patches, D)
         for layer in vision.encoder.layers:
             modulation = layer.adaLN_modulation(t_emb)[:, None, :]  # (b, 1, 6D), broadcast over tokens
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)

@@ -175,15 +175,18 @@ def validate(cfg):
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
-        (cfg.save_every >= 0 and cfg.keep >= 0, f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
+        (cfg.save_every >= 0 and cfg.keep >= 0,
+         f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
         (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
-        (cfg.resolution % 8 == 0 and cfg.resolution > 0, f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
+        (cfg.resolution % 8 == 0 and cfg.resolution > 0,
+         f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
         (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
          f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
         (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
         (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
-        (not cfg.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda but no CUDA device is available"),
+        (not cfg.device.startswith("cuda") or torch.cuda.is_available(),
+         "--device cuda but no CUDA device is available"),
     ]
     problems = [msg for ok, msg in checks if not ok]
     for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
@@ -193,7 +196,8 @@ def validate(cfg):
     if cfg.resume and not (out / "config.json").is_file():
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
     if not cfg.resume and not cfg.overwrite and not cfg.benchmark and out.exists() and any(out.iterdir()):
-        problems.append(f"--out {out} already holds files: pass --resume to continue that run or --overwrite to replace it")
+        problems.append(f"--out {out} already holds files: "
+                        "pass --resume to continue that run or --overwrite to replace it")
     return problems
 
 
@@ -491,7 +495,8 @@ def optimizer_step(pipe, policy, reference, micro_batches, uncond_1, params, opt
 def setup_models(cfg, scorer=None, world=1):
     """Device and precision, the frozen pipeline with the LoRA injected, the views of its UNet, the judge and the
     optimizer. Frozen weights are in the run's dtype, LoRA parameters in fp32."""
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg.device == "cuda" and world > 1 else cfg.device)
+    distributed_cuda = cfg.device == "cuda" and world > 1
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if distributed_cuda else cfg.device)
     dtype = DTYPES[cfg.precision]
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -536,7 +541,8 @@ def train(cfg, scorer=None, rank=0, world=1):
         m.device, m.autocast, m.scaler, m.pipe, m.unet, m.policy, m.scorer, m.lora_params, m.optimizer)
     too_long = sum(len(ids) > pipe.tokenizer.model_max_length for ids in pipe.tokenizer(prompts).input_ids)
     if too_long and main_rank:
-        print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens and get truncated")
+        print(f"--prompts: {too_long} prompts are longer than {pipe.tokenizer.model_max_length} tokens "
+              "and get truncated")
 
     # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).
     position, global_step, pending = (0, 0, 0), 0, None
@@ -561,7 +567,8 @@ def train(cfg, scorer=None, rank=0, world=1):
         out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if main_rank:
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
+        settings = json.dumps(dataclasses.asdict(cfg), indent=2)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(settings))
         if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
             lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
             atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
@@ -592,7 +599,8 @@ def train(cfg, scorer=None, rank=0, world=1):
     with StopSignal() as stop:
         for epoch in tqdm(range(position[0], cfg.epochs), desc="epoch", initial=position[0], total=cfg.epochs,
                           disable=not main_rank):
-            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(derived_seed(cfg, "order", epoch)))
+            order_gen = torch.Generator().manual_seed(derived_seed(cfg, "order", epoch))
+            order = torch.randperm(len(prompts), generator=order_gen)
             my_prompts = [prompts[i] for i in rank_prompts(order.tolist(), rank, world)]
             first_batch = position[1] if epoch == position[0] else 0
             for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches,
@@ -689,7 +697,7 @@ def benchmark(cfg):
     pipe, b, k = m.pipe, cfg.sample_batch_size, cfg.k
     timer = PhaseTimer(m.device)
     pipe.decode = timer.wrap("VAE decode", pipe.decode, lambda z, **_: len(z))
-    m.scorer.score = timer.wrap("preference model", m.scorer.score, lambda images, *a, **kw: len(images))
+    m.scorer.judge = timer.wrap("preference model", m.scorer.judge, lambda images, *a, **kw: len(images))
     m.scorer.encode_text = timer.wrap("preference text", m.scorer.encode_text, lambda ids: len(ids))
     m.optimizer.step = timer.wrap("optimizer", m.optimizer.step)
     pixels = (cfg.resolution, cfg.resolution)
@@ -712,7 +720,8 @@ def benchmark(cfg):
             if m.device.type == "cuda":
                 memory["sampling"] = torch.cuda.max_memory_allocated(m.device)
                 torch.cuda.reset_peak_memory_stats(m.device)
-            step = timer.wrap("training (all)", optimizer_step, lambda pipe, policy, ref, micro, *a: sum(len(x["t"]) for x in micro))
+            pairs_in = lambda pipe, policy, ref, micro, *a: sum(len(x["t"]) for x in micro)
+            step = timer.wrap("training (all)", optimizer_step, pairs_in)
             n, tb = len(pairs["t"]), cfg.train_batch_size
             own_parent = int(pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(dim=1).sum())  # SDXL's inner steps
             timer.items["training parents"] = timer.items.get("training parents", 0) + n + own_parent
@@ -726,14 +735,16 @@ def benchmark(cfg):
             flops = counter.get_total_flops()
     prompts_timed = b * cfg.benchmark
     sec = {name: s / prompts_timed for name, s in timer.seconds.items()}
-    sec["sampling UNet"] = sec["sampling (all)"] - sec.get("VAE decode", 0) - sec.get("preference model", 0) - sec.get("preference text", 0)
+    judging = sec.get("VAE decode", 0) + sec.get("preference model", 0) + sec.get("preference text", 0)
+    sec["sampling UNet"] = sec["sampling (all)"] - judging
     sec["training forward/backward"] = sec["training (all)"] - sec.get("optimizer", 0)
     total = sec["sampling (all)"] + sec["training (all)"]
     gpu = torch.cuda.get_device_name(m.device) if m.device.type == "cuda" else "CPU"
     peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in gpu), None)
     achieved = flops / b / total / 1e12  # FLOPs of the warm-up batch per prompt, over seconds per prompt
     print(f"\nbenchmark: {gpu}, {cfg.model}{' random-init' if cfg.random_init else ''}, {cfg.precision}, "
-          f"judge {cfg.preference_precision}, compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
+          f"judge {cfg.preference_precision}, compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, "
+          f"threshold {cfg.threshold}")
     print(f"{'phase':<28}{'s/prompt':>10}{'share':>8}")
     for name in ("sampling UNet", "VAE decode", "preference model", "preference text", "training forward/backward",
                  "optimizer"):
@@ -742,13 +753,15 @@ def benchmark(cfg):
     per_prompt = lambda name: timer.items.get(name, 0) / prompts_timed
     unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
     print(f"per prompt: {unet_calls} sampling UNet samples (CFG-batched), {per_prompt('VAE decode'):.0f} VAE decodes, "
-          f"{per_prompt('preference model'):.0f} preference image and {per_prompt('preference text'):.0f} text forwards, "
+          f"{per_prompt('preference model'):.0f} preference image and "
+          f"{per_prompt('preference text'):.0f} text forwards, "
           f"{per_prompt('training (all)'):.1f} training pairs from {per_prompt('training parents'):.1f} parent latents "
           f"(each: a policy UNet pass with backward and a reference pass, CFG-batched)")
     print(f"{flops / b / 1e12:.3g} TFLOP per prompt (counted on the warm-up batch), {achieved:.3g} TFLOP/s"
           + (f", MFU {achieved / peak:.1%} of the {peak} TFLOP/s bf16 peak" if peak else ""))
     if memory:
-        print(f"peak GPU memory: sampling {memory['sampling'] / 2**30:.1f} GiB, training {memory['training'] / 2**30:.1f} GiB")
+        print(f"peak GPU memory: sampling {memory['sampling'] / 2**30:.1f} GiB, "
+              f"training {memory['training'] / 2**30:.1f} GiB")
     return sec
 
 

@@ -553,6 +553,7 @@ def test_timestep_embedding_stays_fp32_in_a_half_precision_spm(dtype):
     half, full = (pm.load_preference_model("spm", "tiny", "tiny", "tiny", dtype=d) for d in (dtype, torch.float32))
     assert half.model.vision_model.encoder.layers[0].adaLN_modulation[1].weight.dtype == dtype
     assert all(p.dtype == torch.float32 for p in half.model.t_embedder.parameters())
+    assert half.model.logit_scale.dtype == torch.float32 and torch.equal(half.model.logit_scale, full.model.logit_scale)
     t = torch.tensor([951, 952])
     with torch.autocast("cpu", dtype):
         embedding = half.model.t_embedder(t)
@@ -748,9 +749,13 @@ def test_compiled_training_compiles_nothing_after_its_first_batch(monkeypatch, t
               scorer=scorer)
     per_batch = len(scorer.graphs) // 4  # 8 prompts in batches of 4, two epochs
     assert len(scorer.graphs) == 4 * per_batch and scorer.graphs[0] >= 1
+    from torch._dynamo.utils import counters
+
+    at_the_end = counters["stats"]["unique_graphs"]  # after the last batch's training too
+    torch._dynamo.reset()
     after_first = scorer.graphs[per_batch:]  # from the second batch's first pool, after the first batch trained
     assert after_first[0] > scorer.graphs[per_batch - 1], "the first batch's training compiles its own graphs"
-    assert after_first[-1] == after_first[0], f"graphs compiled after the first batch: {scorer.graphs}"
+    assert at_the_end == after_first[0], f"graphs compiled after the first batch: {scorer.graphs}, {at_the_end}"
 
 
 # ---- reliability: interrupted runs, untrusted files, numerical faults ----
@@ -1990,8 +1995,9 @@ def test_accuracy_on_a_rule_the_noise_can_hide_degrades_gracefully_with_t(traine
     """Human preference is not monotone in the pixels, and neither is vividness (|redness - 0.5|). Its comparison
     of the two x0-predictions a_t x0_i + s_t noise mixes in the shared noise: |a_t r_0 + s_t n| vs |a_t r_1 + s_t n|
     flips with the noise once s_t n is comparable to a_t r, so accuracy falls as s_t / a_t grows, as the paper's SPM
-    does, rather than collapsing at the first noisy step. Five training seeds, t = 0/251/501/701/951:
-    .85/.90/.81/.67/.52, .82/.87/.76/.70/.45, .75/.88/.72/.70/.61, .84/.90/.86/.73/.47, .82/.88/.83/.68/.57.
+    does, rather than collapsing at the first noisy step. This test's run, t = 0/251/501/701/951: .85/.90/.83/.77/.55;
+    five other seeds for the data and the training (tie margin 0.02): .85/.90/.81/.67/.52, .82/.87/.76/.70/.45,
+    .75/.88/.72/.70/.61, .84/.90/.86/.73/.47, .82/.88/.83/.68/.57.
     A pipeline that ignores t (clean images at every t) keeps them all high and fails here."""
     first, last = trained_on_vividness
     table = "\n".join(f"t={t:>4}: {first[t]:.3f} -> {last[t]:.3f}" for t in last)
@@ -2272,7 +2278,7 @@ def test_benchmark_smoke_on_cpu(capsys):
     for row in ("sampling UNet", "VAE decode", "preference model", "training forward/backward", "optimizer", "TFLOP"):
         assert row in out, f"missing {row!r} in:\n{out}"
     # 6 steps, pools of 3 from step 2: 2 + 1 + 3 * 3 UNet samples, 3 * 4 decodes and scores, 4 pairs at threshold 0
-    assert "12 sampling UNet samples" in out and "12 VAE decodes" in out
+    assert "12 sampling UNet samples" in out and "12 VAE decodes" in out and "12 preference image" in out
     assert "4.0 training pairs from 4.0 parent latents" in out, "SD1.5 pairs share their parent"
     assert not Path("/nonexistent/never-written").exists()
 

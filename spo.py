@@ -79,7 +79,7 @@ class Config:
     lora_alpha: float = 4.0  # scale = alpha / rank
     sample_batch_size: int = 10  # prompts per batch
     train_batch_size: int = 10  # pairs per micro-batch, per GPU
-    grad_accum: int = 1  # micro-batches per optimizer step (within one prompt batch's pairs)
+    grad_accum: int = 1  # micro-batches per optimizer step, counted across prompt batches as the official run
     max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     preference_precision: str = "fp32"  # the judge's weights (its timestep embedding stays fp32); official: fp32
@@ -422,10 +422,11 @@ def checkpoint_dirs(out):
     return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
 
 
-def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0):
-    """checkpoints/epoch-E_batch-B_pair-P/: LoRA, optimizer and GradScaler state, progress (and pending pairs).
-    No RNG state is needed: every prompt batch seeds its own generator (batch_generator). Written under a
-    temporary name and renamed, so a crash never leaves a half checkpoint that --resume would pick."""
+def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0, grads=None):
+    """checkpoints/epoch-E_batch-B_pair-P/: LoRA, optimizer and GradScaler state, progress (and pending pairs, and
+    the gradients of a gradient-accumulation group not yet complete). No RNG state is needed: every prompt batch
+    seeds its own generator (batch_generator). Written under a temporary name and renamed, so a crash never
+    leaves a half checkpoint that --resume would pick."""
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / "epoch-{:04d}_batch-{:06d}_pair-{:05d}".format(*progress["position"])
@@ -436,6 +437,8 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
     if pending is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in pending.items()}, tmp / "pending_pairs.safetensors")
+    if grads:
+        save_file({str(i): g.detach().cpu().contiguous() for i, g in enumerate(grads)}, tmp / "group_grads.safetensors")
     (tmp / "progress.json").write_text(json.dumps(progress))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -444,8 +447,9 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
     return final
 
 
-def load_checkpoint(folder, unet, optimizer, scaler, device):
-    """The newest checkpoint back into the LoRA, optimizer and scaler; returns (progress, pending pairs or None)."""
+def load_checkpoint(folder, unet, optimizer, scaler, device, params):
+    """The newest checkpoint back into the LoRA (params: its parameters, whose gradients an unfinished
+    accumulation group carries), optimizer and scaler; returns (progress, pending pairs or None)."""
     try:
         progress = json.loads((folder / "progress.json").read_text())
         state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
@@ -456,6 +460,12 @@ def load_checkpoint(folder, unet, optimizer, scaler, device):
     scaler.load_state_dict(state["scaler"])
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
+    if (folder / "group_grads.safetensors").exists():
+        grads = load_safetensors(folder / "group_grads.safetensors")
+        if len(grads) != len(params):
+            raise UserError(f"--resume: {folder} holds gradients of {len(grads)} tensors, the LoRA has {len(params)}")
+        for i, p in enumerate(params):
+            p.grad = grads[str(i)].to(device)
     if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
         pending["text"], pending["x_t_lose"] = pending.pop("cond"), pending["x_t"]
     return progress, pending
@@ -465,30 +475,34 @@ class TrainingAborted(Exception):
     """Too many non-finite steps in a row: the run stops, keeping its last good checkpoint."""
 
 
-def optimizer_step(pipe, policy, reference, micro_batches, uncond_1, params, optimizer, scaler, autocast, cfg, world):
-    """One SPO update from a group of micro-batches of pairs (gradient accumulation): gradients are all-reduced
-    only on the last one. A non-finite loss or gradient skips the update on every rank alike (fp16 GradScaler
-    semantics, for every precision): the backward still runs, so DDP's collectives stay in step."""
-    records = []
-    for i, mb in enumerate(micro_batches):
-        sync = world == 1 or i == len(micro_batches) - 1
-        with contextlib.nullcontext() if sync else policy.no_sync():
-            with autocast:
-                logps = pair_log_probs(pipe, policy, reference, mb, uncond_1, cfg)
-            loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
-            scaler.scale(loss / len(micro_batches)).backward()
-        records.append((loss.item(), ratio_w.mean().item(), ratio_l.mean().item()))
+def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimizer, scaler, autocast, cfg, world,
+                      group):
+    """Backpropagate one micro-batch of pairs into the LoRA's gradients, scaled by 1 / grad_accum; once the group
+    holds grad_accum micro-batches, update the LoRA. Groups run on across prompt batches, as accelerate counts
+    them in the official run. group: the metrics of the micro-batches accumulated so far (an update empties it).
+    Returns the update's metrics, or None. DDP all-reduces every micro-batch, and the metrics too, so what a group
+    carries (into the next prompt batch, or a checkpoint) is the same on every rank. A non-finite loss or gradient skips
+    the update on every rank alike (fp16 GradScaler semantics, for every precision)."""
+    with autocast:
+        logps = pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg)
+    loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
+    scaler.scale(loss / cfg.grad_accum).backward()
+    group.append(tuple(all_ranks_mean(v.mean().item(), world) for v in (loss, ratio_w, ratio_l))
+                 + (int(all_ranks_mean(len(pairs["t"]), world, op="sum")),))
+    if len(group) < cfg.grad_accum:
+        return None
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-    loss, ratio_w, ratio_l = (all_ranks_mean(sum(r[j] for r in records) / len(records), world) for j in range(3))
+    loss, ratio_w, ratio_l = (sum(r[j] for r in group) / len(group) for j in range(3))
     record = dict(loss=loss, ratio_win=ratio_w, ratio_lose=ratio_l, grad_norm=grad_norm,
-                  pairs=int(all_ranks_mean(sum(len(mb["t"]) for mb in micro_batches), world, op="sum")))
+                  pairs=sum(r[3] for r in group))
     if math.isfinite(grad_norm):  # the norm of the all-reduced gradients: the same on every rank
         scaler.step(optimizer)
     else:
         record["skipped"] = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    group.clear()
     return record
 
 
@@ -546,6 +560,7 @@ def train(cfg, scorer=None, rank=0, world=1):
 
     # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).
     position, global_step, pending = (0, 0, 0), 0, None
+    group = []  # the metrics of the micro-batches whose gradients wait for the rest of their group
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
         # a setting added since the run started has its default there
@@ -555,7 +570,8 @@ def train(cfg, scorer=None, rank=0, world=1):
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
         ckpts = checkpoint_dirs(out)
         if ckpts:
-            progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device)
+            progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device, lora_params)
+            group = [tuple(r) for r in progress.get("group", [])]
             if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
                 raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
             position, global_step = tuple(progress["position"]), progress["global_step"]
@@ -585,8 +601,11 @@ def train(cfg, scorer=None, rank=0, world=1):
               f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")
 
     def checkpoint(position, pending=None):
-        progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha, world_size=world)
-        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep) if main_rank else None
+        progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha, world_size=world,
+                        group=group)
+        grads = [p.grad for p in lora_params] if group else None
+        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep, grads) \
+            if main_rank else None
 
     def stop_requested(stop):  # a signal to any rank stops all of them at the same step
         return bool(all_ranks_mean(float(stop.signum is not None), world, op="sum"))
@@ -624,14 +643,15 @@ def train(cfg, scorer=None, rank=0, world=1):
                 ######## TRAINING ########
                 share = len(perm) // world  # equal shares (the remainder is dropped), so DDP never waits in vain
                 mine = perm[rank * share:(rank + 1) * share]
-                for start in range(start, share, tb * cfg.grad_accum):  # the last, partial group is kept
+                for start in range(start, share, tb):
                     if stop_requested(stop):
                         stopped(checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
                         return None
-                    group = mine[start:start + tb * cfg.grad_accum]
-                    micro = [{k: v[idx] for k, v in pairs.items() if k not in NOT_PAIRS} for idx in group.split(tb)]
-                    record = optimizer_step(pipe, policy, unet, micro, uncond_1, lora_params, optimizer, scaler,
-                                            autocast, cfg, world)
+                    micro = {k: v[mine[start:start + tb]] for k, v in pairs.items() if k not in NOT_PAIRS}
+                    record = train_micro_batch(pipe, policy, unet, micro, uncond_1, lora_params, optimizer, scaler,
+                                               autocast, cfg, world, group)
+                    if record is None:  # the group goes on, into the next prompt batch if need be
+                        continue
                     global_step += 1
                     record = dict(step=global_step, epoch=epoch, batch=batch, **record, pairs_kept=len(perm),
                                   score_mean=pairs["scores"].mean().item(), score_std=pairs["scores"].std().item())
@@ -703,7 +723,7 @@ def benchmark(cfg):
     pixels = (cfg.resolution, cfg.resolution)
     uncond_1 = pipe.encode_negative(1, pixels)
     prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
-    memory, flops = {}, 0
+    memory, flops, group = {}, 0, []
     for batch in range(1 + cfg.benchmark):
         if batch == 1:  # the warm-up is over: count from here
             timer.seconds, timer.items = {}, {}
@@ -720,15 +740,14 @@ def benchmark(cfg):
             if m.device.type == "cuda":
                 memory["sampling"] = torch.cuda.max_memory_allocated(m.device)
                 torch.cuda.reset_peak_memory_stats(m.device)
-            pairs_in = lambda pipe, policy, ref, micro, *a: sum(len(x["t"]) for x in micro)
-            step = timer.wrap("training (all)", optimizer_step, pairs_in)
+            step = timer.wrap("training (all)", train_micro_batch, lambda pipe, policy, ref, micro, *a: len(micro["t"]))
             n, tb = len(pairs["t"]), cfg.train_batch_size
             own_parent = int(pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(dim=1).sum())  # SDXL's inner steps
             timer.items["training parents"] = timer.items.get("training parents", 0) + n + own_parent
-            for start in range(0, n, tb * cfg.grad_accum):
-                idx = torch.arange(start, min(n, start + tb * cfg.grad_accum), device=m.device)
-                micro = [{key: v[i] for key, v in pairs.items()} for i in idx.split(tb)]
-                step(pipe, m.policy, m.unet, micro, uncond_1, m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1)
+            for start in range(0, n, tb):
+                micro = {key: v[start:start + tb] for key, v in pairs.items()}
+                step(pipe, m.policy, m.unet, micro, uncond_1, m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1,
+                     group)
             if m.device.type == "cuda":
                 memory["training"] = torch.cuda.max_memory_allocated(m.device)
         if batch == 0:

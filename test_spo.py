@@ -818,6 +818,57 @@ def test_sigterm_checkpoints_mid_batch_exits_0_and_resumes_exactly(tmp_path):
     assert_same_run(tmp_path / "reference", out)
 
 
+def test_an_update_follows_grad_accum_micro_batches_each_weighted_1_over_grad_accum():
+    """accelerate's rule, as the official run: each micro-batch's loss counts 1 / grad_accum and the update comes
+    after grad_accum of them, so it equals one AdamW step on the mean of their gradients."""
+    cfg = spo.parse_args(FAST + ["--grad-accum", "2"])
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    gen = torch.Generator().manual_seed(0)
+    pairs = [dict(x_t=torch.randn(2, 4, 2, 2, generator=gen), t=torch.tensor([901, 501]),
+                  text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"]) for _ in range(2)]
+    for p in pairs:
+        p.update(x_t_lose=p["x_t"], win=torch.randn(2, 4, 2, 2, generator=gen), lose=torch.randn(2, 4, 2, 2, generator=gen))
+    uncond_1 = m.pipe.encode_negative(1, (16, 16))
+    expected = []
+    for p in pairs:  # the gradient of each micro-batch's own loss, by hand
+        loss = spo.spo_loss(*spo.pair_log_probs(m.pipe, m.unet, m.unet, p, uncond_1, cfg), cfg.beta, cfg.eps)[0]
+        expected.append(torch.autograd.grad(loss, m.lora_params))
+    mean_grad = [(a + b) / 2 for a, b in zip(*expected)]
+    before = [p.detach().clone() for p in m.lora_params]
+    reference = torch.optim.AdamW([torch.nn.Parameter(p.clone()) for p in before], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for param, g in zip(reference.param_groups[0]["params"], mean_grad):
+        param.grad = g
+    torch.nn.utils.clip_grad_norm_(reference.param_groups[0]["params"], cfg.max_grad_norm)
+    reference.step()
+    group, step = [], lambda p: spo.train_micro_batch(m.pipe, m.unet, m.unet, p, uncond_1, m.lora_params, m.optimizer,
+                                                      m.scaler, m.autocast, cfg, 1, group)
+    assert step(pairs[0]) is None and len(group) == 1, "the first micro-batch only accumulates"
+    assert all(torch.equal(p, b) for p, b in zip(m.lora_params, before))
+    torch.testing.assert_close([p.grad for p in m.lora_params], [g / 2 for g in expected[0]], rtol=1e-5, atol=1e-8)
+    record = step(pairs[1])
+    assert record["pairs"] == 4 and group == [], "the second completes the group: an update over both"
+    torch.testing.assert_close(list(m.lora_params), reference.param_groups[0]["params"], rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_groups_span_prompt_batches_and_resume_exactly(tmp_path):
+    """With one pair per micro-batch and groups of 2, a prompt batch that keeps an odd number of pairs hands half a
+    group to the next batch (the official run's accelerate counts micro-batches across batches). A stop right
+    then checkpoints the gradients of that half group, and --resume continues bitwise."""
+    args = FAST + ["--train-batch-size", "1", "--grad-accum", "2"]
+    spo.main(args + ["--out", str(tmp_path / "reference")])
+    records = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pairs"] == 2 for r in records), "every update has a whole group, across batch boundaries too"
+    kept = {(r["epoch"], r["batch"]): r["pairs_kept"] for r in records}  # per prompt batch, in order
+    assert len(kept) == 4, "each batch should keep at least 2 pairs, or this test cannot find its batches"
+    odd_before = [i for i in range(1, 4) if sum(list(kept.values())[:i]) % 2 == 1]
+    assert odd_before, f"no batch starts with half a group: pairs kept per batch {list(kept.values())}"
+    out = tmp_path / "stopped"  # stopped while sampling that batch (4 judgements per batch): half a group waits
+    assert spo.train(spo.parse_args(args + ["--out", str(out)]), scorer=SignalDuring(4 * odd_before[0] + 1)) is None
+    assert (spo.checkpoint_dirs(out)[-1] / "group_grads.safetensors").is_file(), "the half group must be saved"
+    spo.main(args + ["--out", str(out), "--resume"])
+    assert_same_run(tmp_path / "reference", out)
+
+
 # ---- SDXL: two text encoders, size conditioning, candidates that run num_inner_step steps on their own ----
 
 
@@ -1214,7 +1265,7 @@ def torchrun(tmp_path, nproc, args, **popen):
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **popen)
 
 
-DDP_ARGS = FAST + ["--train-batch-size", "2"]
+DDP_ARGS = FAST + ["--train-batch-size", "2", "--grad-accum", "2"]  # groups that span prompt batches, too
 
 
 @pytest.fixture(scope="module")
@@ -1231,7 +1282,7 @@ def test_two_ranks_train_to_identical_loras(ddp_run):
     rank0, rank1 = (load_file(f"{ddp_run}.rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "DDP ranks ended with different LoRA weights"
     metrics = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and all(m["pairs"] <= 2 * 2 for m in metrics), "each update takes train-batch-size pairs per rank"
+    assert metrics and all(m["pairs"] <= 2 * 2 * 2 for m in metrics), "an update: 2 micro-batches of 2 pairs per rank"
 
 
 def test_world_size_1_equals_the_single_process_run(tmp_path):

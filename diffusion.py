@@ -124,8 +124,9 @@ def all_ranks_mean(value, world, op="mean"):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current optimizer
-    step, writes a checkpoint and exits cleanly. A second Ctrl-C stops at once."""
+    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current step (an
+    optimizer step, or in spo.py a micro-batch), writes a checkpoint and exits cleanly. A second Ctrl-C stops at
+    once."""
 
     def __enter__(self):
         self.signum = None

@@ -460,10 +460,11 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
     scaler.load_state_dict(state["scaler"])
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
-    if (folder / "group_grads.safetensors").exists():
+    if progress.get("group"):  # an unfinished gradient-accumulation group: its gradients must be there
         grads = load_safetensors(folder / "group_grads.safetensors")
-        if len(grads) != len(params):
-            raise UserError(f"--resume: {folder} holds gradients of {len(grads)} tensors, the LoRA has {len(params)}")
+        if sorted(grads) != sorted(map(str, range(len(params)))):
+            raise UserError(f"--resume: {folder}/group_grads.safetensors does not match the LoRA's "
+                            f"{len(params)} tensors")
         for i, p in enumerate(params):
             p.grad = grads[str(i)].to(device)
     if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
@@ -572,6 +573,9 @@ def train(cfg, scorer=None, rank=0, world=1):
         if ckpts:
             progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device, lora_params)
             group = [tuple(r) for r in progress.get("group", [])]
+            if "group" not in progress and cfg.grad_accum > 1 and main_rank:
+                print("note: this checkpoint predates accumulation groups that span prompt batches; the run goes on "
+                      "with them, so it will not equal an uninterrupted run of either version")
             if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
                 raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
             position, global_step = tuple(progress["position"]), progress["global_step"]

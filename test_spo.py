@@ -834,6 +834,7 @@ def test_an_update_follows_grad_accum_micro_batches_each_weighted_1_over_grad_ac
         loss = spo.spo_loss(*spo.pair_log_probs(m.pipe, m.unet, m.unet, p, uncond_1, cfg), cfg.beta, cfg.eps)[0]
         expected.append(torch.autograd.grad(loss, m.lora_params))
     mean_grad = [(a + b) / 2 for a, b in zip(*expected)]
+    norm = torch.cat([g.flatten() for g in mean_grad]).norm().item()  # before clipping, as the run reports it
     before = [p.detach().clone() for p in m.lora_params]
     reference = torch.optim.AdamW([torch.nn.Parameter(p.clone()) for p in before], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for param, g in zip(reference.param_groups[0]["params"], mean_grad):
@@ -847,6 +848,9 @@ def test_an_update_follows_grad_accum_micro_batches_each_weighted_1_over_grad_ac
     torch.testing.assert_close([p.grad for p in m.lora_params], [g / 2 for g in expected[0]], rtol=1e-5, atol=1e-8)
     record = step(pairs[1])
     assert record["pairs"] == 4 and group == [], "the second completes the group: an update over both"
+    # AdamW's first step barely depends on the gradient's scale: the norm pins it (and it is what gets clipped)
+    assert record["grad_norm"] == pytest.approx(norm, rel=1e-5), "the update's gradient is the group's mean"
+    assert all(p.grad is None for p in m.lora_params), "an update starts the next group from zero"
     torch.testing.assert_close(list(m.lora_params), reference.param_groups[0]["params"], rtol=1e-5, atol=1e-7)
 
 
@@ -860,11 +864,18 @@ def test_accumulation_groups_span_prompt_batches_and_resume_exactly(tmp_path):
     assert all(r["pairs"] == 2 for r in records), "every update has a whole group, across batch boundaries too"
     kept = {(r["epoch"], r["batch"]): r["pairs_kept"] for r in records}  # per prompt batch, in order
     assert len(kept) == 4, "each batch should keep at least 2 pairs, or this test cannot find its batches"
+    assert len(records) == sum(kept.values()) // 2, "groups run on across batches and epochs; only the last half goes"
     odd_before = [i for i in range(1, 4) if sum(list(kept.values())[:i]) % 2 == 1]
     assert odd_before, f"no batch starts with half a group: pairs kept per batch {list(kept.values())}"
     out = tmp_path / "stopped"  # stopped while sampling that batch (4 judgements per batch): half a group waits
     assert spo.train(spo.parse_args(args + ["--out", str(out)]), scorer=SignalDuring(4 * odd_before[0] + 1)) is None
     assert (spo.checkpoint_dirs(out)[-1] / "group_grads.safetensors").is_file(), "the half group must be saved"
+    broken = tmp_path / "broken"  # the same checkpoint without those gradients: a clear error, not a silent restart
+    shutil.copytree(out, broken)
+    (spo.checkpoint_dirs(broken)[-1] / "group_grads.safetensors").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        spo.main(args + ["--out", str(broken), "--resume"])
+    assert exit_.value.code == 2
     spo.main(args + ["--out", str(out), "--resume"])
     assert_same_run(tmp_path / "reference", out)
 

@@ -719,7 +719,7 @@ def train_command(args, rank=0, world=1):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    step, micro = 0, 0  # optimizer steps, micro-batches consumed (by each rank)
+    step, micro, progress = 0, 0, {}  # optimizer steps, micro-batches consumed (by each rank)
     ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp")),  # no half ones
                    key=lambda d: int(d.name.split("-")[1]))
     if args.resume and ckpts:  # every rank loads the same newest checkpoint
@@ -760,8 +760,13 @@ def train_command(args, rank=0, world=1):
             print_accuracy(accuracy, count, f"step {step}")
         log(dict(step=step, accuracy={str(t): a for t, a in accuracy.items()}, pairs=count))
 
-    def checkpoint():
-        save_training_checkpoint(out, model, optimizer, scaler, {"step": step, "micro": micro, "world_size": world})
+    def evaluated(at):  # whether metrics.jsonl holds the accuracy at step `at` (every rank reads the same file)
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        return any("accuracy" in r and r["step"] == at for r in map(json.loads, lines))
+
+    def checkpoint(evaluate_next=False):
+        save_training_checkpoint(out, model, optimizer, scaler, {"step": step, "micro": micro, "world_size": world,
+                                                                 "evaluate": evaluate_next})
 
     if main_rank:
         print(f"{sum(u[3] for u in train_units)} training pairs; {args.batch_size} pairs x {args.grad_accum} "
@@ -776,6 +781,8 @@ def train_command(args, rank=0, world=1):
     with StopSignal() as stop:
         if step == 0:
             evaluate_and_log()  # the starting point, as the reference's eval_on_start
+        elif progress.get("evaluate") and not evaluated(step):
+            evaluate_and_log()  # the run stopped during the evaluation that follows its checkpoint
         progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
         while step < args.max_steps:
             # A signal to any rank stops all of them before the same step (one all-reduce per step).
@@ -813,9 +820,9 @@ def train_command(args, rank=0, world=1):
             progress_bar.update()
             log(dict(step=step, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm.item()))
             if step % args.eval_every == 0 or step == args.max_steps:
+                if main_rank:  # first, as the evaluation can outlast a preemption's grace period at SD1.5 size
+                    checkpoint(evaluate_next=True)
                 evaluate_and_log()
-                if main_rank:
-                    checkpoint()
         progress_bar.close()
     if main_rank:
         save_checkpoint(model, out / "spm.safetensors")

@@ -2096,6 +2096,33 @@ def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(dataset, identity_sd,
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
 
 
+def test_a_run_killed_during_an_evaluation_resumes_from_the_checkpoint_before_it(dataset, identity_sd, tmp_path,
+                                                                                   monkeypatch):
+    """The checkpoint comes before the evaluation (which can outlast a preemption's grace period at SD1.5 size):
+    a run killed during it loses no training, and --resume redoes that evaluation first."""
+    from safetensors.torch import load_file
+
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "4", "--eval-every", "2", "--eval-timesteps", "0", "--max-steps", "4"]
+    assert pm.main([*flags, "--out", str(tmp_path / "full")]) == 0
+    real, calls = pm.evaluate, []
+
+    def killed_at_step_2(*args, **kwargs):  # the second evaluation: step 0's comes first
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pm, "evaluate", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        pm.main([*flags, "--out", str(tmp_path / "cut")])
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "step-2" / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(pm, "evaluate", real)
+    assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full, resumed = (load_file(tmp_path / run / "spm.safetensors") for run in ("full", "cut"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full), "a resumed run must end where an uninterrupted one does"
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
 def test_sigterm_stops_training_after_a_step_with_a_checkpoint_and_resume_is_exact(dataset, identity_sd, tmp_path):
     from safetensors.torch import load_file
 

@@ -176,7 +176,8 @@ class PickScoreModel(nn.Module):
         from transformers.image_processing_base import ImageProcessingMixin
 
         tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
-        base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip((base, processor, checkpoint), tiny)]
+        specs = (base, processor, checkpoint)
+        base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip(specs, tiny)]
         for spec, flag in zip((base, processor), flags):
             if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():  # local, not a hub id
                 raise UserError(f"{flag}: no such folder: {spec}")

@@ -84,6 +84,7 @@ class Config:
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     preference_precision: str = "fp32"  # the judge's weights (its timestep embedding stays fp32); official: fp32
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower training
     device: str = None  # default cuda if available
     save_every: int = 0  # also checkpoint every N prompt batches (0: only at epoch ends)
@@ -110,7 +111,8 @@ TINY_PROMPTS = ["a photo of a cat", "a red dog", "a beautiful lake", "an image o
                 "a photo of a red lake", "the dog", "a beautiful photo of a cat"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"],
-           "preference_precision": ["fp16", "bf16", "fp32"]}
+           "preference_precision": ["fp16", "bf16", "fp32"],
+           "compile_mode": ["default", "reduce-overhead", "max-autotune"]}
 
 
 def parse_args(argv=None):
@@ -529,12 +531,12 @@ def setup_models(cfg, scorer=None, world=1):
         pipe.unet.enable_gradient_checkpointing()
     # pipe.unet stays the uncompiled handle (saving, LoRA switching). Sampling and the reference need no
     # gradient sync; the policy forward of training goes through DDP, which all-reduces only the LoRA gradients.
-    unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+    unet = torch.compile(pipe.unet, mode=cfg.compile_mode) if cfg.compile else pipe.unet
     policy = unet
     if world > 1:
         ddp = DistributedDataParallel(pipe.unet, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
-        policy = torch.compile(ddp) if cfg.compile else ddp
+        policy = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     scorer = scorer or load_preference_model(cfg.preference, cfg.preference_model, cfg.preference_processor,
                                              cfg.preference_checkpoint, device=device,
                                              dtype=DTYPES[cfg.preference_precision],
@@ -766,8 +768,8 @@ def benchmark(cfg):
     peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in gpu), None)
     achieved = flops / b / total / 1e12  # FLOPs of the warm-up batch per prompt, over seconds per prompt
     print(f"\nbenchmark: {gpu}, {cfg.model}{' random-init' if cfg.random_init else ''}, {cfg.precision}, "
-          f"judge {cfg.preference_precision}, compile {cfg.compile}, {cfg.benchmark} batches of {b} prompts, "
-          f"threshold {cfg.threshold}")
+          f"judge {cfg.preference_precision}, compile {cfg.compile} ({cfg.compile_mode}), "
+          f"{cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
     print(f"{'phase':<28}{'s/prompt':>10}{'share':>8}")
     for name in ("sampling UNet", "VAE decode", "preference model", "preference text", "training forward/backward",
                  "optimizer"):

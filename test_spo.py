@@ -670,6 +670,7 @@ def test_switches_are_flags_even_when_their_default_depends_on_the_device():
     parse = lambda *flags: spo.parse_args(["--model", "tiny", *flags])
     assert parse("--compile").compile is True and parse("--no-compile").compile is False
     assert parse().compile is False, "on a CPU machine compile defaults to off"
+    assert parse("--compile-mode", "reduce-overhead").compile_mode == "reduce-overhead"  # CUDA graphs, to measure
     assert parse("--gradient-checkpointing").gradient_checkpointing is True
     with pytest.raises(UserError, match="unrecognized arguments: false"):
         parse("--compile", "false")  # it once took a string, and "false" was truthy

@@ -609,9 +609,9 @@ def train(cfg, scorer=None, rank=0, world=1):
     def checkpoint(position, pending=None):
         progress = dict(position=position, global_step=global_step, prompts_sha256=prompts_sha, world_size=world,
                         group=group)
-        grads = [p.grad for p in lora_params] if group else None
-        return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep, grads) \
-            if main_rank else None
+        if main_rank:
+            grads = [p.grad for p in lora_params] if group else None
+            return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep, grads)
 
     def stop_requested(stop):  # a signal to any rank stops all of them at the same step
         return bool(all_ranks_mean(float(stop.signum is not None), world, op="sum"))

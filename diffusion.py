@@ -88,7 +88,8 @@ def read_prompts(path, flag):
         prompts = [item["caption"] if isinstance(item, dict) else item for item in items]
     except (json.JSONDecodeError, TypeError, KeyError):
         if text.lstrip().startswith(("[", "{")):
-            raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects") from None
+            raise UserError(f"{flag} {path}: JSON but not a list of strings "
+                            f"or of {{\"caption\": ...}} objects") from None
         prompts = text.splitlines()
     kept = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
     if not kept:
@@ -181,7 +182,8 @@ def build_once(name, build):
 
 def _bytes_to_unicode():
     # CLIP's byte-level BPE alphabet: every byte maps to a printable unicode character.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+          *range(ord("\u00ae"), ord("\u00ff") + 1)]
     cs = bs[:]
     for b in range(256):
         if b not in bs:
@@ -215,7 +217,8 @@ def write_tiny_tokenizer(folder, pad_token, max_length=16):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=max_length)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                        model_max_length=max_length)
     tok.save_pretrained(folder)
     return tok
 
@@ -241,8 +244,9 @@ ARCHITECTURES = {
         vae=TINY_VAE),
     "sd15": dict(
         text_encoder=CLIP_L,
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                  cross_attention_dim=768, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
         vae=dict(SD_VAE, sample_size=512)),
     # SDXL's block layout in miniature: layers_per_block 2 keeps the webui (SGM) block numbers of SDXL itself.
@@ -323,7 +327,8 @@ def tiny_pipeline_path(model="tiny"):
 
 def cannot_load(what, name, err, flag):
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"cannot load {what} from '{name}': {reason} (download it and pass a local folder or file with {flag})")
+    return UserError(f"cannot load {what} from '{name}': {reason} "
+                     f"(download it and pass a local folder or file with {flag})")
 
 
 def offline_if_hub_unreachable(name):
@@ -482,7 +487,8 @@ class LoRALinear(nn.Module):
 
 def inject_lora(unet, rank, alpha, targets=LORA_TARGETS):
     """Replace every target Linear of the UNet by a LoRALinear; returns the LoRA parameters (fp32)."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple("." + t for t in targets))]
+    suffixes = tuple("." + t for t in targets)
+    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
     for name in names:
         parent_name, child = name.rsplit(".", 1)
         parent = unet.get_submodule(parent_name)
@@ -543,7 +549,8 @@ def load_lora(unet, path_or_state):
     missing, extra = [n for n in layers if n not in modules], [n for n in modules if n not in layers]
     if missing or extra:
         raise UserError(f"{source} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
-                        f"{', '.join(missing[:2]) or '-'}), has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
+                        f"{', '.join(missing[:2]) or '-'}), "
+                        f"has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
     for name, (down, up, alpha) in modules.items():
         layer, rank = layers[name], layers[name].lora.down.out_features
         if down.shape[0] != rank or alpha != layer.scale * rank:
@@ -674,7 +681,8 @@ def lora_modules(tensors, declared, unet):
         down, up = p["down"], p["up"]
         if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or (
                 down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
-            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, which do not "
+            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, "
+                            f"which do not "
                             f"fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
                             f"down must be (r, {layer.in_features}) and up ({layer.out_features}, r)")
         rank = down.shape[0]
@@ -922,5 +930,6 @@ def captioned_grid(tiles, captions, cols, group=2, min_side=128, gap=8):
         grid.paste(tile.resize((w, h), Image.NEAREST), ((g % cols) * cell_w + (i % group) * w, (g // cols) * cell_h))
     for g, caption_lines in enumerate(lines):
         for k, line in enumerate(caption_lines):
-            draw.text(((g % cols) * cell_w + 4, (g // cols) * cell_h + h + 3 + k * line_h), line, fill="black", font=font)
+            xy = ((g % cols) * cell_w + 4, (g // cols) * cell_h + h + 3 + k * line_h)
+            draw.text(xy, line, fill="black", font=font)
     return grid

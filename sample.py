@@ -127,13 +127,15 @@ def validate(args):
         (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
         (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),
-         "--merge and --save-merged need --precision fp32: merged into fp16/bf16 weights, small LoRA updates round away"),
+         "--merge and --save-merged need --precision fp32: "
+         "merged into fp16/bf16 weights, small LoRA updates round away"),
         (not args.export_webui or args.export_webui.endswith(".safetensors"),
          f"--export-webui must name a .safetensors file, got {args.export_webui}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
         (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
-        (args.prompt_list or exporting or args.benchmark, "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
+        (args.prompt_list or exporting or args.benchmark,
+         "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
         (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
         (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
         (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
@@ -142,7 +144,8 @@ def validate(args):
          f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
         (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
         (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
-        (args.device == "cpu" or args.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {args.device}"),
+        (args.device == "cpu" or args.device.startswith("cuda"),
+         f"--device must be cpu or cuda[:N], got {args.device}"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
     ]
     outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
@@ -387,7 +390,8 @@ def benchmark(args, pipe):
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"benchmark: {gpu}, {args.model}{' random-init' if args.random_init else ''}, {args.precision}, "
-          f"{args.steps} DDIM steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, {args.benchmark} timed")
+          f"{args.steps} DDIM steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, "
+          f"{args.benchmark} timed")
     for name, sampler in (("this sampler", ours), (f"diffusers {type(reference).__name__}", theirs)):
         with torch.no_grad():
             sampler()  # warm-up
@@ -399,7 +403,8 @@ def benchmark(args, pipe):
                 sampler()
             sync()
         seconds = time.perf_counter() - start
-        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        memory = f", peak GPU memory {peak:.2f} GiB" if peak is not None else ""
         print(f"{name:<36}{args.benchmark * b / seconds:8.2f} images/s{memory}")
 
 

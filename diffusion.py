@@ -371,6 +371,7 @@ class Pipeline:
     def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None):
         """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
         instead; vae: another VAE (hub id or folder) in place of the checkpoint's own."""
+        import diffusers
         from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -384,8 +385,10 @@ class Pipeline:
                 index = DiffusionPipeline.load_config(path)
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
+            # The checkpoint's own scheduler class (SD1.5's PNDM, SDXL's Euler): sample.py --scheduler checkpoint
+            scheduler = getattr(diffusers, (index.get("scheduler") or [None, None])[1] or "", DDIMScheduler)
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
-                     ("unet", UNet2DConditionModel), ("scheduler", DDIMScheduler)]
+                     ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
             if "text_encoder_2" in index:
                 parts += [("tokenizer_2", CLIPTokenizer), ("text_encoder_2", CLIPTextModelWithProjection)]
             for sub, cls in parts:
@@ -407,9 +410,10 @@ class Pipeline:
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
         self.source = pretrained
-        sched = self.scheduler.config
-        # DDIM as the official code configures it (DDIMScheduler.from_config of the checkpoint's scheduler).
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
+        # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
+        self.ddim = DDIMScheduler.from_config(self.scheduler.config)
+        sched = self.ddim.config
+        self.alphas_cumprod = self.ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
         self.num_train_timesteps = sched.num_train_timesteps
         self.steps_offset = sched.steps_offset
         self.prediction_type = sched.prediction_type

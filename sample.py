@@ -7,12 +7,14 @@
     python sample.py --lora runs/sd15 --save-merged runs/sd15-merged --export-webui runs/sd15-webui.safetensors
     python sample.py --model sdxl --prompt "a child and a penguin" --lora SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA
 
-Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses) from noise drawn by a generator seeded
+Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses), or with --scheduler checkpoint the
+scheduler the model folder ships (as the official inference scripts), from noise drawn by a generator seeded
 with the image's own seed, so an image with and without the LoRA starts from the same noise and differs only by
 what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in PNG text chunks.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -29,8 +31,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
-                       captioned_grid, ddim_sample, lora_disabled, lora_merged, lora_modules, read_lora_file,
-                       read_prompts, save_lora_webui, save_png, to_pil)
+                       captioned_grid, ddim_sample, lora_disabled, lora_merged, lora_modules, predict_noise,
+                       read_lora_file, read_prompts, save_lora_webui, save_png, to_pil)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +67,10 @@ def parse_args(argv=None):
     add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
     add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
     add("--n", type=int, default=1, help="images per prompt (1)")
-    add("--steps", type=int, help=f"DDIM steps ({per_preset('steps')})")
+    add("--scheduler", choices=["ddim", "checkpoint"], default="ddim",
+        help="ddim: this project's DDIM, the sampler SPO trains with; checkpoint: the model folder's own scheduler "
+             "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (ddim)")
+    add("--steps", type=int, help=f"sampling steps ({per_preset('steps')})")
     add("--cfg", type=float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
     add("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
     add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
@@ -79,7 +84,7 @@ def parse_args(argv=None):
     add("--eval", metavar="PROMPTS_FILE", help="base vs LoRA on these prompts x --n seeds: mean scores, LoRA win "
                                                "rate with a 95%% interval; eval.json and the grid go to --out")
     add("--save-merged", metavar="DIR", help="write a diffusers pipeline folder with the LoRA merged into its "
-                                             "UNet (weights in --precision, DDIM scheduler)")
+                                             "UNet (weights in --precision, the --scheduler)")
     add("--export-webui", metavar="FILE", help="write the LoRA in the webui/kohya layout (with .alpha)")
     add("--preference-model", help="CLIP of PickScore and the SPM: hub id or folder (default: the preset's)")
     add("--preference-processor", help="PickScore's processor: hub id or folder (default: the preset's)")
@@ -125,6 +130,9 @@ def validate(args):
         (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images); more steps than training steps repeat t = 1
         (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
+        (args.scheduler == "ddim" or args.eta == 0, "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
+        (args.scheduler == "ddim" or not args.random_init,
+         "--scheduler checkpoint needs a checkpoint's scheduler: --random-init has none"),
         (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),
          "--merge and --save-merged need --precision fp32: "
@@ -216,25 +224,51 @@ def lora_switch(unet, modules, scale, merge):
 # Generation.
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prompt=""):
+def checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generator):
+    """Sampling with a diffusers scheduler (the checkpoint's own: PNDM, Euler, ...), step for step as diffusers'
+    pipelines run it, with the same batched guidance as ddim_sample. A stochastic scheduler draws image i's step
+    noise from generator[i]."""
+    scheduler.set_timesteps(steps, device=latents.device)  # also resets a multistep scheduler's history
+    latents = latents * scheduler.init_noise_sigma  # Euler starts at sigma_max, not at unit variance
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        eps = predict_noise(pipe.unet, x, t.expand(len(x)), cond, uncond, cfg)
+        extra = {"generator": generator} if takes_generator else {}
+        latents = scheduler.step(eps, t, latents, **extra).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prompt="", scheduler=None):
     """One image per (prompt, seed), (b, 3, H, W) in [-1, 1], in one batch. Image i starts from noise drawn by a
     generator on the run's device seeded with seeds[i], as diffusers' pipeline with
     generator=torch.Generator(device).manual_seed(seed) (CPU and CUDA generators draw different numbers), so
-    base and LoRA images see the same noise; with eta > 0 its step noise comes from that generator too."""
+    base and LoRA images see the same noise; with eta > 0 its step noise comes from that generator too.
+    scheduler: None for our DDIM, else a diffusers scheduler (checkpoint_sample)."""
     device = pipe.unet.device
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale, width // pipe.vae_scale)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     latents = torch.cat([torch.randn(shape, generator=g, device=device) for g in generators])  # (b, 4, h, w)
     cond = pipe.encode_prompts(prompts, (height, width))
     uncond = pipe.encode_negative(len(prompts), (height, width), negative_prompt)
-    latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators)
+    if scheduler is None:
+        latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators)
+    else:
+        latents = checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generators)
     return pipe.decode(latents)
+
+
+def sampling_scheduler(args, pipe):
+    """None for our DDIM; with --scheduler checkpoint, the scheduler the checkpoint ships."""
+    return pipe.scheduler if args.scheduler == "checkpoint" else None
 
 
 def image_settings(args, prompt, seed, with_lora):
     """What goes into each PNG's text chunks: everything needed to make it again, and the command that does."""
     settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
-                    eta=args.eta, height=args.height, width=args.width, sampler="DDIM", model=args.model,
+                    eta=args.eta, height=args.height, width=args.width, scheduler=args.scheduler,
+                    sampler=args.sampler_name, model=args.model,
                     pretrained=args.pretrained, vae=args.vae or "none", lora="none", precision=args.precision,
                     device=args.device)
     if with_lora:
@@ -262,7 +296,7 @@ def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
         for start in range(0, len(jobs), batch):
             chunk = jobs[start:start + batch]
             pixels = generate(pipe, [p for _, p, _ in chunk], [s for _, _, s in chunk], args.steps, args.cfg,
-                              args.eta, args.height, args.width, args.negative_prompt)
+                              args.eta, args.height, args.width, args.negative_prompt, sampling_scheduler(args, pipe))
             for (index, prompt, seed), image in zip(chunk, to_pil(pixels)):
                 path = image_path(args, index, prompt, seed, tag)
                 save_png(image, path, image_settings(args, prompt, seed, with_lora))
@@ -339,12 +373,12 @@ def summarize(base, lora):
 # ----------------------------------------------------------------------------------------------
 # Exports.
 
-def diffusers_pipeline(pipe):
-    """Our parts as diffusers' own StableDiffusion(XL)Pipeline, with DDIM: the reference sampler and the format
-    of merged checkpoints."""
+def diffusers_pipeline(pipe, scheduler):
+    """Our parts as diffusers' own StableDiffusion(XL)Pipeline with a scheduler (None: DDIM, as the official code
+    configures it): the reference sampler and the format of merged checkpoints."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
     if pipe.is_sdxl:
         return StableDiffusionXLPipeline(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
                                          pipe.tokenizer_2, pipe.unet, scheduler, force_zeros_for_empty_prompt=True)
@@ -352,7 +386,7 @@ def diffusers_pipeline(pipe):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def save_merged_pipeline(pipe, modules, scale, folder):
+def save_merged_pipeline(pipe, modules, scale, folder, scheduler):
     """A complete diffusers pipeline folder with the LoRA merged into the UNet (what the released merged SPO
     checkpoints are): written under a temporary name and renamed, so the folder is whole or absent."""
     folder = Path(folder)
@@ -360,7 +394,7 @@ def save_merged_pipeline(pipe, modules, scale, folder):
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         with lora_merged(pipe.unet, modules, scale):
-            diffusers_pipeline(pipe).save_pretrained(tmp)
+            diffusers_pipeline(pipe, scheduler).save_pretrained(tmp)
         os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -371,8 +405,8 @@ def save_merged_pipeline(pipe, modules, scale, folder):
 
 def benchmark(args, pipe):
     """Images per second of this sampler and of diffusers' StableDiffusion(XL)Pipeline on the same weights, with
-    the same DDIM scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
-    reference = diffusers_pipeline(pipe)
+    the same scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
+    reference = diffusers_pipeline(pipe, sampling_scheduler(args, pipe))
     reference.set_progress_bar_config(disable=True)
     b, device = args.batch_size, torch.device(args.device)
     prompts = ((args.prompt_list or ["an image of a beautiful lake"]) * b)[:b]
@@ -380,7 +414,8 @@ def benchmark(args, pipe):
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def ours():
-        generate(pipe, prompts, seeds, args.steps, args.cfg, args.eta, args.height, args.width, args.negative_prompt)
+        generate(pipe, prompts, seeds, args.steps, args.cfg, args.eta, args.height, args.width, args.negative_prompt,
+                 sampling_scheduler(args, pipe))
 
     def theirs():
         negative = [args.negative_prompt] * b if args.negative_prompt else None  # None: SDXL's zeros, as ours
@@ -390,7 +425,7 @@ def benchmark(args, pipe):
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"benchmark: {gpu}, {args.model}{' random-init' if args.random_init else ''}, {args.precision}, "
-          f"{args.steps} DDIM steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, "
+          f"{args.steps} {args.sampler_name} steps, cfg {args.cfg}, {args.height}x{args.width}, batches of {b}, "
           f"{args.benchmark} timed")
     for name, sampler in (("this sampler", ours), (f"diffusers {type(reference).__name__}", theirs)):
         with torch.no_grad():
@@ -412,6 +447,8 @@ def run(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None,
                     vae=args.vae)
+    scheduler = sampling_scheduler(args, pipe)
+    args.sampler_name = "DDIM" if scheduler is None else type(scheduler).__name__  # e.g. PNDMScheduler, in each PNG
     if args.benchmark:
         return benchmark(args, pipe)
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
@@ -421,7 +458,7 @@ def run(args):
         save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
     if args.save_merged:
-        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged)
+        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged, sampling_scheduler(args, pipe))
         print(f"merged pipeline written to {args.save_merged}")
     if not args.prompt_list:
         return

@@ -1407,6 +1407,61 @@ def test_generate_equals_diffusers_pipeline_for_the_same_seeds(golden_pipe, cfg,
     assert (alone - ours[1:]).abs().max() < 1e-5, "an image must not depend on the batch it is rendered in"
 
 
+# The released checkpoints' own schedulers (their scheduler_config.json): SD1.5 and the merged SPO SD1.5 ship PNDM,
+# SDXL base ships Euler. The official inference scripts sample with these, not with DDIM.
+RELEASED_SCHEDULERS = {
+    "tiny": dict(_class_name="PNDMScheduler", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
+                 clip_sample=False, num_train_timesteps=1000, prediction_type="epsilon", set_alpha_to_one=False,
+                 skip_prk_steps=True, steps_offset=1, timestep_spacing="leading", trained_betas=None),
+    "tiny-sdxl": dict(_class_name="EulerDiscreteScheduler", beta_end=0.012, beta_schedule="scaled_linear",
+                      beta_start=0.00085, clip_sample=False, interpolation_type="linear", num_train_timesteps=1000,
+                      prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True,
+                      steps_offset=1, timestep_spacing="leading", trained_betas=None, use_karras_sigmas=False),
+}
+
+
+def with_released_scheduler(model, folder):
+    """A copy of the tiny pipeline folder whose scheduler is the released checkpoints' (model_index.json too)."""
+    shutil.copytree(D.tiny_pipeline_path(model), folder)
+    config = RELEASED_SCHEDULERS[model]
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", config["_class_name"]])))
+    return folder
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_scheduler_checkpoint_samples_as_diffusers_pipeline_with_the_checkpoints_scheduler(model, tmp_path):
+    """--scheduler checkpoint: the folder's own PNDM (SD1.5) or Euler (SDXL) scheduler, stepped as diffusers'
+    pipeline does, reproduces the official inference scripts' pipeline call; DDIM does not."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    folder = with_released_scheduler(model, tmp_path / "pipe")
+    ref = DiffusionPipeline.from_pretrained(str(folder))
+    ref.set_progress_bar_config(disable=True)
+    pipe = D.Pipeline(str(folder))
+    name = RELEASED_SCHEDULERS[model]["_class_name"]
+    assert type(pipe.scheduler).__name__ == name == type(ref.scheduler).__name__
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 4]
+    for cfg in (1.0, 5.0):
+        expected = ref(prompts, num_inference_steps=6, guidance_scale=cfg, height=32, width=32, output_type="pt",
+                       generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+        ours = sample.generate(pipe, prompts, seeds, 6, cfg, 0.0, 32, 32, scheduler=pipe.scheduler)
+        err = (ours.clamp(-1, 1) - expected).abs().max().item()
+        assert err < 1e-4, f"{name} images differ from diffusers' pipeline by {err:.2e} at cfg {cfg}"
+        ddim = sample.generate(pipe, prompts, seeds, 6, cfg, 0.0, 32, 32)
+        assert (ddim.clamp(-1, 1) - expected).abs().max() > 1e-3, "DDIM should not reproduce another scheduler"
+    if model == "tiny":  # the command line: the PNG holds that image, records the scheduler and remakes itself
+        out = tmp_path / "cat.png"
+        sample.main(["--model", "tiny", "--pretrained", str(folder), "--scheduler", "checkpoint", "--prompt",
+                     "a red cat", "--seed", "3", "--steps", "6", "--cfg", "5", "--out", str(out)])
+        png = Image.open(out)
+        assert png.text["sampler"] == name and "--scheduler=checkpoint" in png.text["command"]
+        pixels = torch.tensor(list(png.getdata()), dtype=torch.float32).T.reshape(3, 32, 32) / 127.5 - 1
+        assert (pixels - expected[0]).abs().max() <= 1.01 / 127.5, f"the PNG should hold the {name} image"
+
+
 # ---- LoRA files: every layout, applied or merged ----
 
 
@@ -1808,6 +1863,8 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--eta", "-0.5"], "--eta must be in [0, 1]"),
     (["--eta", "1.5"], "--eta must be in [0, 1]"),
     (["--steps", "2000"], "--steps must be <= 1000"),
+    (["--scheduler", "checkpoint", "--eta", "1"], "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
+    (["--scheduler", "checkpoint", "--random-init"], "--random-init has none"),
     (["--merge", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),
     (["--export-webui", "{bad}"], "--export-webui must name a .safetensors file"),
     (["--out", "{bad}/unknown.safetensors"], "is a file, not a folder"),

@@ -70,6 +70,10 @@ class UserError(Exception):
     """A problem with the user's input: the scripts print its message on one line and exit 2."""
 
 
+class TrainingAborted(Exception):
+    """Too many non-finite steps in a row: the run stops with exit code 1, keeping its last good checkpoint."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump."""
 
@@ -77,21 +81,84 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def finite_float(text):
+    """argparse type for every float setting: nan or inf would not fail, it would train a NaN model to the end."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+MAX_SEED = 2**32 - 1  # seeds are mixed into derived seeds; torch's generators take at most 64 bits
+
+
+def output_problem(path, flag, is_file):
+    """Why `path` cannot be written (as a file, or as a folder), or None: checked before anything is written."""
+    if not str(path).strip():
+        return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
+    path = Path(path)
+    if is_file and path.is_dir():
+        return f"{flag} {path} is a folder, not a file"
+    if not is_file and path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file, not a folder"
+    parent = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{flag} {path} cannot be created: {parent} is not a writable folder"
+    return None
+
+
+def read_json(path, flag):
+    """A JSON object a run wrote (config.json, progress.json); a damaged file is a UserError that names it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # ValueError: also JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{flag}: {path} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag}: {path} is not a JSON object")
+    return value
+
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl, each with its "step". A last line cut short (the run was killed while
+    writing it) is dropped; damage anywhere else is a UserError."""
+    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"--resume: {path} line {i + 1} is not a metrics record")
+        records.append(record)
+    return records
+
+
 def read_prompts(path, flag):
     """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
-    one prompt a line. Empty prompts are dropped, and said so."""
+    one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
     if not Path(path).is_file():
         raise UserError(f"{flag}: no such file: {path}")
-    text = Path(path).read_text(encoding="utf-8")
     try:
-        items = json.loads(text)
-        prompts = [item["caption"] if isinstance(item, dict) else item for item in items]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        if text.lstrip().startswith(("[", "{")):
-            raise UserError(f"{flag} {path}: JSON but not a list of strings "
-                            f"or of {{\"caption\": ...}} objects") from None
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows editors start files with a BOM
+    except UnicodeDecodeError as err:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
+    if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{flag} {path}: invalid JSON ({err})") from None
+        if not isinstance(items, list):
+            raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
+        prompts = [item.get("caption") if isinstance(item, dict) else item for item in items]
+        wrong = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if wrong:
+            raise UserError(f"{flag} {path}: entry {wrong[0]} is not a string or a {{\"caption\": string}} object")
+    else:
         prompts = text.splitlines()
-    kept = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    kept = [p.strip() for p in prompts if p.strip()]
     if not kept:
         raise UserError(f"{flag} {path}: no prompts in the file")
     if len(kept) < len(prompts):
@@ -624,9 +691,28 @@ def read_lora_file(path):
             config = json.loads(peft_config.read_text())
         else:
             config = {}
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{path}: its LoRA settings are not valid JSON ({err})") from None
-    return tensors, {"alpha": config.get("lora_alpha"), "alpha_pattern": config.get("alpha_pattern") or {}}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its LoRA settings are not a JSON object")
+    alpha, patterns = config.get("lora_alpha"), config.get("alpha_pattern") or {}
+    if not (alpha is None or positive_number(alpha)) or not isinstance(patterns, dict) or not all(
+            positive_number(a) and regex_compiles(pat) for pat, a in patterns.items()):
+        raise UserError(f"{path}: its LoRA settings need lora_alpha > 0 and alpha_pattern mapping module patterns to "
+                        f"alphas > 0, got {alpha!r} and {patterns!r}")
+    return tensors, {"alpha": alpha, "alpha_pattern": patterns}
+
+
+def positive_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def regex_compiles(pattern):
+    try:
+        re.compile(pattern)
+        return True
+    except re.error:
+        return False
 
 
 def lora_family_problem(tensors, unet):
@@ -689,6 +775,10 @@ def lora_modules(tensors, declared, unet):
                             f"which do not "
                             f"fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
                             f"down must be (r, {layer.in_features}) and up ({layer.out_features}, r)")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise UserError(f"the LoRA for {name} holds non-finite weights (NaN or inf)")
+        if "alpha" in p and not (p["alpha"].numel() == 1 and positive_number(p["alpha"].item())):
+            raise UserError(f"the LoRA's .alpha for {name} must be one number > 0, got {p['alpha'].tolist()}")
         rank = down.shape[0]
         patterns = declared["alpha_pattern"]  # PEFT's per-module alphas, matched on the module path's end
         pattern = next((a for pat, a in patterns.items() if re.fullmatch(rf"(.*\.)?({pat})", name)), None)

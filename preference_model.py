@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, ArgumentParser, Pipeline, StopSignal, UserError, all_ranks_mean, atomic_write,
-                       build_once, cannot_load, ddim_step, offline_if_hub_unreachable, predict_noise, quiet_libraries,
-                       resolve_file, setup_distributed, take, write_tiny_tokenizer)
+from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
+                       all_ranks_mean, atomic_write, build_once, cannot_load, ddim_step, finite_float,
+                       offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
+                       read_metrics, resolve_file, setup_distributed, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
+MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
 PREFERENCE_FLAGS = ("--preference-model", "--preference-processor", "--preference-checkpoint")  # in spo/sample
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +368,8 @@ def load_checkpoint(model, spec, flag="--checkpoint"):
     except Exception as err:  # first sentence only: torch's weights_only message goes on to advise unsafe loading
         reason = str(err).strip().splitlines()[0].split(". ")[0]
         raise UserError(f"{flag}: cannot read {spec} as .safetensors or weights-only .bin: {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{flag}: {spec} holds a {type(state).__name__}, not a state dict of tensors")
     own = model.state_dict()
     # Old checkpoints may carry buffers newer transformers no longer save (position_ids); like the official
     # loader, accept an extra key when it equals what the model already holds.
@@ -475,8 +479,11 @@ def check_labels(row, where):
         raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must each be 0, 0.5 or 1")
     if row["has_label"] and sum(labels) != 1:
         raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must sum to 1: (1, 0), (0, 1) or (0.5, 0.5)")
-    if not row["num_example_per_prompt"] or row["num_example_per_prompt"] < 1:
-        raise UserError(f"{where}: num_example_per_prompt must be >= 1, got {row['num_example_per_prompt']}")
+    n = row["num_example_per_prompt"]
+    if not isinstance(n, (int, float)) or not n >= 1:  # a string or None: a shard of another format
+        raise UserError(f"{where}: num_example_per_prompt must be a number >= 1, got {n!r}")
+    if not isinstance(row["caption"], str):
+        raise UserError(f"{where}: caption must be a string, got {row['caption']!r}")
 
 
 def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world=1, block=1, labeller=None):
@@ -702,15 +709,16 @@ def train_command(args, rank=0, world=1):
     # --max-steps may change, to extend a run; note that it also moves where the learning rate reaches 0
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps", "eval_every", "device")}
     if args.resume:
-        saved = json.loads((out / "config.json").read_text())
-        changed = [k for k in settings if saved.get(k) != settings[k]]
+        saved = read_json(out / "config.json", "--resume")
+        changed = [k for k in settings if k != "out" and saved.get(k) != settings[k]]  # the folder may have moved
         if changed:
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
 
     # Models: the frozen SD that makes the noisy x0-predictions, and the SPM, all of whose weights train.
     pipe = Pipeline(args.pretrained, device, dtype, vae=args.vae)
     labeller = make_labeller(args, device)
-    model = StepAwarePreferenceModel.from_pretrained(args.base, args.processor, args.init_checkpoint)
+    model = StepAwarePreferenceModel.from_pretrained(args.base, args.processor, args.init_checkpoint,
+                                                     flags=("--base", "--processor", "--init-checkpoint"))
     if args.init_checkpoint is None:  # again, from our seed: loading the CLIP may draw from the global RNG
         torch.manual_seed(args.seed)
         init_time_conditioning(model.model)
@@ -721,16 +729,21 @@ def train_command(args, rank=0, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step, micro, progress = 0, 0, {}  # optimizer steps, micro-batches consumed (by each rank)
-    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp")),  # no half ones
-                   key=lambda d: int(d.name.split("-")[1]))
+    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if d.name[5:].isdigit()),  # no half ones
+                   key=lambda d: int(d.name[5:]))
     if args.resume and ckpts:  # every rank loads the same newest checkpoint
-        progress = json.loads((ckpts[-1] / "progress.json").read_text())
+        progress = read_json(ckpts[-1] / "progress.json", "--resume")
+        if not all(isinstance(progress.get(k), int) for k in ("step", "micro")):
+            raise UserError(f"--resume: {ckpts[-1]}/progress.json lacks its step and micro-batch counts")
         if progress.get("world_size", 1) != world:
             raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
-        load_checkpoint(model, ckpts[-1] / "spm.safetensors")
-        state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        load_checkpoint(model, ckpts[-1] / "spm.safetensors", "--resume")
+        try:
+            state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        except Exception as err:
+            raise UserError(f"--resume: {ckpts[-1]}/optimizer.pt is unreadable ({type(err).__name__}: {err})") from None
         step, micro = progress["step"], progress["micro"]
         if main_rank:
             print(f"resuming {out} at step {step}")
@@ -739,9 +752,9 @@ def train_command(args, rank=0, world=1):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(vars(args), indent=2)))
         if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
-            lines = [l for l in metrics_path.read_text().splitlines() if 0 < json.loads(l)["step"] <= step or
-                     (step > 0 and json.loads(l)["step"] == 0)]
-            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics_path)
+                           if 0 < r["step"] <= step or (step > 0 and r["step"] == 0))
+            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(kept))
     # Several ranks: DDP over all the SPM's weights; it starts every rank from rank 0's (they are equal anyway).
     scorer = PairScores(model)
     if world > 1:
@@ -762,8 +775,7 @@ def train_command(args, rank=0, world=1):
         log(dict(step=step, accuracy={str(t): a for t, a in accuracy.items()}, pairs=count))
 
     def evaluated(at):  # whether metrics.jsonl holds the accuracy at step `at` (every rank reads the same file)
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        return any("accuracy" in r and r["step"] == at for r in map(json.loads, lines))
+        return any("accuracy" in r and r["step"] == at for r in read_metrics(metrics_path))
 
     def checkpoint(evaluate_next=False):
         save_training_checkpoint(out, model, optimizer, scaler, {"step": step, "micro": micro, "world_size": world,
@@ -779,6 +791,7 @@ def train_command(args, rank=0, world=1):
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
                      rank=rank, world=world, labeller=labeller)
     data = batches(rows, args.batch_size, device)
+    bad_steps = 0
     with StopSignal() as stop:
         if step == 0:
             evaluate_and_log()  # the starting point, as the reference's eval_on_start
@@ -813,13 +826,21 @@ def train_command(args, rank=0, world=1):
                 total += loss.item()
                 micro += 1
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # of the averaged gradients
-            scaler.step(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # of the averaged gradients
+            record = dict(step=step + 1, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm)
+            if math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced
+                scaler.step(optimizer)
+                bad_steps = 0
+            else:  # fp16 overflow (the GradScaler lowers its scale) or a NaN: skip the update, as spo.py does
+                record["skipped"], bad_steps = "non-finite gradient", bad_steps + 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress_bar.update()
-            log(dict(step=step, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm.item()))
+            log(record)
+            if bad_steps >= MAX_BAD_STEPS:
+                raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {step}); the last good "
+                                      f"checkpoint is kept in {out / 'checkpoints'}")
             if step % args.eval_every == 0 or step == args.max_steps:
                 if main_rank:  # first, as the evaluation can outlast a preemption's grace period at SD1.5 size
                     checkpoint(evaluate_next=True)
@@ -909,6 +930,10 @@ def fill_defaults(args):
     problems = [f"{flag(k)} must be > 0, got {getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
     problems += [f"--eval-timesteps must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {t}"
                  for t in args.eval_timesteps if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    if not (args.resolution > 0 and args.resolution % 8 == 0):
+        problems.append(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if not 0 <= args.seed <= MAX_SEED:
+        problems.append(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.command != "score" and args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
         problems.append(f"--pickscore-labels must be in [0, 1) or none, got {args.pickscore_labels}")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
@@ -919,9 +944,11 @@ def fill_defaults(args):
         problems += [f"{flag(k)} must be >= 0, got {getattr(args, k)}"
                      for k in ("weight_decay", "warmup_steps") if getattr(args, k) < 0]
         out = Path(args.out)
-        if args.resume and not (out / "config.json").is_file():
+        if problem := output_problem(args.out, "--out", is_file=False):
+            problems.append(problem)
+        elif args.resume and not (out / "config.json").is_file():
             problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-        if not args.resume and out.exists() and any(out.iterdir()):
+        elif not args.resume and out.exists() and any(out.iterdir()):
             problems.append(f"--out {out} already holds files: pass --resume to continue that run")
     if problems:
         raise UserError("; ".join(problems))
@@ -931,8 +958,14 @@ def fill_defaults(args):
         raise UserError(f"'{args.command}' reads parquet shards with pyarrow: pip install pyarrow") from None
 
 
+def remove_unstarted_run(out):
+    """The folder of a fresh run (validation found it empty or absent) that stopped before its first checkpoint."""
+    if out.is_dir() and not any((out / "checkpoints").glob("step-*")):
+        shutil.rmtree(out)
+
+
 def threshold_or_none(value):
-    return None if value == "none" else float(value)
+    return None if value == "none" else finite_float(value)
 
 
 def main(argv=None):
@@ -960,7 +993,7 @@ def main(argv=None):
         p.add_argument("--processor", help="the SPM's tokenizer + image settings (default: the preset's)")
         p.add_argument("--resolution", type=int, help="SD resolution the images are resized to (default: preset)")
         p.add_argument("--batch-size", type=int, help="pairs per forward, per GPU (default: 16)")
-        p.add_argument("--cfg", type=float, default=5.0, help="CFG scale of the x0-prediction (empty negative)")
+        p.add_argument("--cfg", type=finite_float, default=5.0, help="CFG scale of the x0-prediction (empty negative)")
         p.add_argument("--eval-timesteps", type=int, nargs="+", default=list(EVAL_TIMESTEPS))
         p.add_argument("--pickscore-labels", metavar="THRESHOLD", default=..., type=threshold_or_none,
                        help="replace the human labels by PickScore's preference where it exceeds THRESHOLD, "
@@ -977,12 +1010,16 @@ def main(argv=None):
     train.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps (default: 1000)")
     train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU (default: 16; "
                        "pairs per update = batch size x this x GPUs)")
-    train.add_argument("--lr", type=float, help="AdamW peak learning rate (default: 3e-6)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.3)")
+    train.add_argument("--lr", type=finite_float, help="AdamW peak learning rate (default: 3e-6)")
+    train.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay (default: 0.3)")
     train.add_argument("--warmup-steps", type=int, help="log-rate warmup steps, then linear decay (default: 500)")
-    train.add_argument("--max-grad-norm", type=float, default=1.0)
+    train.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     quiet_libraries()  # stderr keeps to one line per error
     if args.command == "score":
         try:
@@ -994,12 +1031,21 @@ def main(argv=None):
     rank, world = setup_distributed()  # under torchrun: one process per GPU
     try:
         fill_defaults(args)  # every rank checks the same flags before any rank writes anything
-        if world > 1:
-            dist.barrier()
-        train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        if world > 1:
+            dist.barrier()
+        train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
+    except UserError as err:  # bad data can show only once it is read: a run that never reached a checkpoint
+        if args.command == "train" and not args.resume and rank == 0:  # goes, so the same command can rerun
+            remove_unstarted_run(Path(args.out))
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

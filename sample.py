@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
-                       captioned_grid, ddim_sample, lora_disabled, lora_merged, lora_modules, predict_noise,
-                       read_lora_file, read_prompts, save_lora_webui, save_png, to_pil)
+from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
+                       captioned_grid, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
+                       offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file, read_prompts,
+                       save_lora_webui, save_png, to_pil)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
     add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
                        "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
-    add("--lora-scale", type=float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
+    add("--lora-scale", type=finite_float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
     add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
     add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
     add("--n", type=int, default=1, help="images per prompt (1)")
@@ -71,8 +72,8 @@ def parse_args(argv=None):
         help="ddim: this project's DDIM, the sampler SPO trains with; checkpoint: the model folder's own scheduler "
              "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (ddim)")
     add("--steps", type=int, help=f"sampling steps ({per_preset('steps')})")
-    add("--cfg", type=float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
-    add("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
+    add("--cfg", type=finite_float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
+    add("--eta", type=finite_float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
     add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
     add("--width", type=int, help=f"pixels, a multiple of 8 ({sizes})")
     add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
@@ -152,27 +153,17 @@ def validate(args):
          f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
         (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
         (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
+        (not args.export_webui or not Path(args.export_webui).exists(), f"--export-webui {args.export_webui} exists"),
+        (0 <= args.seed and args.seed + args.n - 1 <= MAX_SEED,
+         f"--seed and the seeds after it (--n) must be in [0, {MAX_SEED}], got {args.seed}"),
         (args.device == "cpu" or args.device.startswith("cuda"),
          f"--device must be cpu or cuda[:N], got {args.device}"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
     ]
     outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
                (args.save_merged, "--save-merged", False)]
-    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs
-                                                     if path and (msg := output_problem(path, flag, is_file))]
-
-
-def output_problem(path, flag, is_file):
-    """Why `path` cannot be written (as a file, or as a folder), or None: checked before anything is written."""
-    path = Path(path)
-    if is_file and path.is_dir():
-        return f"{flag} {path} is a folder, not a file"
-    if not is_file and path.is_file():
-        return f"{flag} {path} is a file, not a folder"
-    parent = next(p for p in path.parents if p.exists())  # the nearest existing ancestor
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        return f"{flag} {path} cannot be created: {parent} is not a writable folder"
-    return None
+    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs if path is not None
+                                                     and (msg := output_problem(path, flag, is_file))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +184,7 @@ def resolve_lora(spec):
     if spec.startswith(("/", ".", "~")) or path.parent.exists() or len(parts) < 2:
         raise UserError(f"--lora: no such file or folder: {spec}")
     from huggingface_hub import hf_hub_download
+    offline_if_hub_unreachable(spec)
     try:
         return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]) or LORA_FILES[0]))
     except Exception as err:  # offline, missing, gated: all end the same way

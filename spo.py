@@ -36,10 +36,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, UserError, all_ranks_mean,
-                       atomic_write, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, inject_lora, load_lora,
-                       load_safetensors, lora_disabled, predict_noise, read_prompts, save_grid, save_lora,
-                       setup_distributed, take)
+from diffusion import (MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
+                       UserError, all_ranks_mean, atomic_write, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps,
+                       finite_float, inject_lora, load_lora, load_safetensors, lora_disabled, output_problem,
+                       predict_noise, read_json, read_metrics, read_prompts, save_grid, save_lora, setup_distributed,
+                       take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def parse_args(argv=None):
         elif isinstance(default, tuple):
             p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(default[0]), **kw)
         else:
-            typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            typ = {"int": int, "float": finite_float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument("--" + f.name.replace("_", "-"), type=typ, choices=CHOICES.get(f.name), **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     model = args.get("model", Config.model)
@@ -176,6 +177,9 @@ def validate(cfg):
         (cfg.lora_rank >= 1, f"--lora-rank must be >= 1, got {cfg.lora_rank}"),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (all(0 <= s <= MAX_SEED for s in (cfg.seed, *cfg.validation_seeds)),
+         f"--seed and --validation-seeds must be in [0, {MAX_SEED}], got {cfg.seed}, {list(cfg.validation_seeds)}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
         (cfg.save_every >= 0 and cfg.keep >= 0,
          f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
@@ -194,12 +198,21 @@ def validate(cfg):
     for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
         if path and not Path(path).is_file():
             problems.append(f"{flag}: no such file: {path}")
+    if cfg.benchmark:  # writes nothing
+        return problems
     out = Path(cfg.out)
-    if cfg.resume and not (out / "config.json").is_file():
+    if problem := output_problem(cfg.out, "--out", is_file=False):
+        return problems + [problem]
+    is_run = (out / "config.json").is_file()
+    if cfg.resume and not is_run:
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-    if not cfg.resume and not cfg.overwrite and not cfg.benchmark and out.exists() and any(out.iterdir()):
-        problems.append(f"--out {out} already holds files: "
-                        "pass --resume to continue that run or --overwrite to replace it")
+    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            problems.append(f"--out {out} already holds files: "
+                            "pass --resume to continue that run or --overwrite to replace it")
+        elif not is_run or Path.cwd().resolve().is_relative_to(out.resolve()):  # --overwrite deletes the folder
+            problems.append(f"--overwrite replaces a run folder, and {out} is not one (no config.json) or holds the "
+                            "current directory: remove it yourself if that is meant")
     return problems
 
 
@@ -452,14 +465,16 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
 def load_checkpoint(folder, unet, optimizer, scaler, device, params):
     """The newest checkpoint back into the LoRA (params: its parameters, whose gradients an unfinished
     accumulation group carries), optimizer and scaler; returns (progress, pending pairs or None)."""
+    progress = read_json(folder / "progress.json", "--resume")
+    if missing := [k for k in ("position", "global_step", "prompts_sha256") if k not in progress]:
+        raise UserError(f"--resume: {folder}/progress.json lacks {', '.join(missing)}")
+    load_lora(unet, folder / "pytorch_lora_weights.safetensors")
     try:
-        progress = json.loads((folder / "progress.json").read_text())
         state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
     except Exception as err:
         raise UserError(f"--resume: checkpoint {folder} is unreadable ({type(err).__name__}: {err})") from None
-    load_lora(unet, folder / "pytorch_lora_weights.safetensors")
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
     if progress.get("group"):  # an unfinished gradient-accumulation group: its gradients must be there
@@ -472,10 +487,6 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
     if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
         pending["text"], pending["x_t_lose"] = pending.pop("cond"), pending["x_t"]
     return progress, pending
-
-
-class TrainingAborted(Exception):
-    """Too many non-finite steps in a row: the run stops, keeping its last good checkpoint."""
 
 
 def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimizer, scaler, autocast, cfg, world,
@@ -565,7 +576,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     position, global_step, pending = (0, 0, 0), 0, None
     group = []  # the metrics of the micro-batches whose gradients wait for the rest of their group
     if cfg.resume:
-        saved = json.loads((out / "config.json").read_text())
+        saved = read_json(out / "config.json", "--resume")
         # a setting added since the run started has its default there
         changed = [k for k in RESUMABLE_SETTINGS
                    if saved.get(k, getattr(Config, k)) != json.loads(json.dumps(getattr(cfg, k)))]
@@ -592,8 +603,8 @@ def train(cfg, scorer=None, rank=0, world=1):
         settings = json.dumps(dataclasses.asdict(cfg), indent=2)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(settings))
         if metrics_path.exists():  # drop what was logged after the checkpoint we resume from
-            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= global_step]
-            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(l + "\n" for l in lines)))
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics_path) if r["step"] <= global_step)
+            atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(kept))
 
     pixels = (cfg.resolution, cfg.resolution)
     uncond_1 = pipe.encode_negative(1, pixels)  # one row: the empty-prompt negative

@@ -686,7 +686,7 @@ def read_lora_file(path):
     peft_config = Path(path).with_name("adapter_config.json")
     try:
         if "lora_adapter_metadata" in header:
-            config = {k.removeprefix("unet."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
+            config = json.loads(header["lora_adapter_metadata"])
         elif Path(path).name == "adapter_model.safetensors" and peft_config.is_file():
             config = json.loads(peft_config.read_text())
         else:
@@ -695,6 +695,7 @@ def read_lora_file(path):
         raise UserError(f"{path}: its LoRA settings are not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: its LoRA settings are not a JSON object")
+    config = {k.removeprefix("unet."): v for k, v in config.items()}
     alpha, patterns = config.get("lora_alpha"), config.get("alpha_pattern") or {}
     if not (alpha is None or positive_number(alpha)) or not isinstance(patterns, dict) or not all(
             positive_number(a) and regex_compiles(pat) for pat, a in patterns.items()):

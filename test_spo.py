@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import shutil
@@ -199,6 +200,9 @@ def test_bad_checkpoints_are_user_errors(tmp_path, spm_folders):
     (tmp_path / "junk.bin").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "junk.bin"))
+    torch.save([1, 2, 3], tmp_path / "list.bin")  # loads with weights_only, but is no state dict
+    with pytest.raises(UserError, match="holds a list, not a state dict of tensors"):
+        pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "list.bin"))
     with pytest.raises(UserError, match="does not fit"):  # an SPM checkpoint for a plain CLIP scorer
         pm.PickScoreModel.from_pretrained(*spm_folders, checkpoint=str(SPM_GOLDEN / "spm_official.bin"))
 
@@ -663,6 +667,12 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--precision", "fp64"], "invalid choice: 'fp64'"),
     (["--k", "four"], "invalid int value: 'four'"),
     (["--kk", "3"], "unrecognized arguments: --kk 3"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got 'inf'"),  # it trained a NaN LoRA to exit 0
+    (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--seed", "-1"], "--seed and --validation-seeds must be in [0, 4294967295]"),
+    (["--validation-seeds", "0", str(2**64)], "--seed and --validation-seeds must be in [0, 4294967295]"),
+    (["--out", ""], "--out is empty: name a folder"),  # with --overwrite it once emptied the current directory
 ]
 
 
@@ -700,6 +710,64 @@ def test_bad_prompt_files_and_existing_runs_are_refused(tmp_path, capsys):
             spo.main(FAST[2:] + flags if "sd15" in flags else FAST + flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert (existing / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_only_a_run_folder(tiny_run, tmp_path, capsys, monkeypatch):
+    """--overwrite deletes --out: never a folder that is not a run, nor the folder the command runs in."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.chdir(run)
+    for out in (existing, run, Path(".")):
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "is not one (no config.json) or holds the current directory" in err, err
+    assert (existing / "keep.txt").read_text() == "precious" and (run / "config.json").is_file()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"caf\xe9 photo\n", "not UTF-8 text (byte 3)"),
+    (b'{"caption": "a cat"}', "JSON but not a list"),  # a dict's keys once became the prompts
+    (b'[{"caption": "a cat"}, {"caption": 1}]', "entry 1 is not a string"),
+    (b'["a cat", "a dog"', "invalid JSON"),
+])
+def test_bad_prompt_files_are_named(content, message, tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"--prompts {path}: {message}")):
+        D.read_prompts(path, "--prompts")
+
+
+def test_prompt_files_with_a_byte_order_mark_and_quotes_read_as_meant(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text('[{"caption": "a cat"}, "a dog"]', encoding="utf-8-sig")  # Windows editors write a BOM
+    assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
+    path.write_text('"a cat" in the rain\na dog\n')  # plain text, even if a line starts with a quote
+    assert D.read_prompts(path, "--prompts") == ['"a cat" in the rain', "a dog"]
+
+
+def test_damaged_run_files_are_named_and_a_torn_metrics_line_is_dropped(tiny_run, tmp_path, capsys):
+    """A SIGKILL while writing metrics.jsonl can leave half a line: --resume drops it and ends like the
+    uninterrupted run. Damaged config.json or progress.json are one-line errors that name the file."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(spo.checkpoint_dirs(out)[-1])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 0.')
+    for name, damage in (("config.json", "{bad"), ("config.json", "[1]"), ("progress.json", '{"global_step": 3}')):
+        path = out / name if name == "config.json" else spo.checkpoint_dirs(out)[-1] / name
+        good = path.read_text()
+        path.write_text(damage)
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(out), "--resume"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and name in err, err
+        path.write_text(good)
+    spo.main(FAST + ["--out", str(out), "--resume"])
+    assert_same_run(tiny_run, out)
 
 
 def test_cli_subprocess_reports_one_line_and_exit_code_2(tmp_path):
@@ -1841,9 +1909,13 @@ def bad_loras(tmp_path_factory):
         "rank": {**good, key: torch.zeros(32, 8)},  # up of rank 8 against down of rank 4
         "shape": {**good, key.replace(".up.", ".down."): torch.zeros(4, 48)},  # in-features 48 for a 32-wide layer
         "text_encoder": {**good, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
+        "nan": {**good, key: torch.full((32, 4), float("nan"))},  # it rendered black images with exit code 0
+        "alpha": {**good, key.replace("lora.up.weight", "alpha"): torch.tensor([4.0, 4.0])},
     }
     for name, state in files.items():
         save_file(state, folder / f"{name}.safetensors")
+    save_file(good, folder / "metadata.safetensors", metadata={"lora_adapter_metadata": "[1, 2]"})
+    save_file(good, folder / "alpha0.safetensors", metadata={"lora_adapter_metadata": '{"unet.lora_alpha": 0}'})
     return folder
 
 
@@ -1854,6 +1926,13 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}/rank.safetensors"], "do not fit its Linear(32 -> 32) with one rank r"),
     (["--lora", "{bad}/shape.safetensors"], "down (4, 48) and up (32, 4)"),
     (["--lora", "{bad}/text_encoder.safetensors"], "text-encoder LoRA weights are not supported"),
+    (["--lora", "{bad}/nan.safetensors"], "holds non-finite weights"),
+    (["--lora", "{bad}/alpha.safetensors"], "must be one number > 0, got [4.0, 4.0]"),
+    (["--lora", "{bad}/metadata.safetensors"], "its LoRA settings are not a JSON object"),
+    (["--lora", "{bad}/alpha0.safetensors"], "need lora_alpha > 0"),  # 0 once meant alpha = rank, silently
+    (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
+    (["--seed", "-1"], "--seed and the seeds after it (--n) must be in [0, 4294967295]"),
+    (["--out", ""], "--out is empty: name a folder"),
     (["--lora", "{bad}/missing.safetensors"], "--lora: no such file or folder"),
     (["--lora", "{bad}"], "holds no single LoRA file"),
     (["--height", "30"], "--height must be a positive multiple of 8, got 30"),
@@ -1890,6 +1969,15 @@ def test_sample_bad_input_exits_2_with_one_line_and_writes_nothing(flags, messag
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, f"got {err!r}"
     assert list(tmp_path.iterdir()) == [], "a refused run must write nothing"
+
+
+def test_export_webui_never_overwrites_a_file(tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"  # exporting onto its own input replaced the trained LoRA
+    shutil.copy(LORA / "pytorch_lora_weights.safetensors", lora)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--lora", str(lora), "--export-webui", str(lora)])
+    assert exit_info.value.code == 2 and f"--export-webui {lora} exists" in capsys.readouterr().err
+    assert lora.read_bytes() == (LORA / "pytorch_lora_weights.safetensors").read_bytes()
 
 
 def test_no_prompt_is_refused_unless_only_exporting(tmp_path, capsys):
@@ -2265,12 +2353,37 @@ def corrupt(dataset, tmp_path, change):
     (lambda r: r.update(jpg_1=b"not a jpeg"), "row 5, jpg_1: not a readable image"),
     (lambda r: r.update(label_0=0.7, label_1=0.3), "row 5: labels (0.7, 0.3) must each be 0, 0.5 or 1"),
     (lambda r: r.update(label_0=1.0, label_1=1.0), "row 5: labels (1.0, 1.0) must sum to 1"),
+    (lambda r: r.update(caption=None), "row 5: caption must be a string, got None"),
 ])
 def test_bad_rows_are_named(dataset, tmp_path, capsys, change, message):
     folder, path = corrupt(dataset, tmp_path, change)
     code = pm.main(["eval", "--model", "tiny", "--data", str(folder), "--eval-timesteps", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and f"{path}, {message}" in err, err
+
+
+def test_a_run_its_data_refuses_before_any_checkpoint_leaves_nothing(dataset, tmp_path, capsys):
+    """Bad rows show only when they are read: the run folder goes, so the same command runs again once the data is
+    fixed (it used to stay, and --out 'already holds files' refused the rerun)."""
+    folder, path = corrupt(dataset, tmp_path, lambda r: r.update(jpg_1=b"not a jpeg"))
+    out = tmp_path / "out"
+    code = pm.main(["train", "--model", "tiny", "--resolution", "8", "--data", str(folder), "--out", str(out),
+                    "--eval-timesteps", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{path}, row 5, jpg_1: not a readable image" in err and not out.exists(), err
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset, identity_sd, tmp_path, capsys,
+                                                                          monkeypatch):
+    real = pm.preference_loss
+    monkeypatch.setattr(pm, "preference_loss", lambda *a: real(*a) * float("nan"))
+    out = tmp_path / "out"
+    code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(dataset), "--batch-size", "2", "--grad-accum", "1", "--eval-timesteps", "0", "--max-steps",
+                    "20", "--out", str(out)])
+    assert code == 1 and "10 non-finite steps in a row" in capsys.readouterr().err
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 10 and all(r["skipped"] == "non-finite gradient" for r in steps)
 
 
 def test_missing_columns_are_named(dataset, tmp_path, capsys):
@@ -2292,6 +2405,11 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
     (["--eval-timesteps", "0", "1000"], "--eval-timesteps must be in [0, 999], got 1000"),
     (["--resume"], "holds no run to resume"),
     (["--data", "/nonexistent/pickapic"], "--data: no such folder: /nonexistent/pickapic"),
+    (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),  # it trained a NaN SPM to exit 0
+    (["--resolution", "7"], "--resolution must be a positive multiple of 8, got 7"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--out", ""], "--out is empty: name a folder"),
+    (["--bogus"], "unrecognized arguments: --bogus"),  # argparse's errors once gave a traceback here
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -435,9 +435,10 @@ def resolve_file(spec, flag):
 class Pipeline:
     """The parts of a Stable Diffusion (1.x or XL) checkpoint that SPO uses (no diffusers pipeline object)."""
 
-    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None):
+    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None, ddim=True):
         """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
-        instead; vae: another VAE (hub id or folder) in place of the checkpoint's own."""
+        instead; vae: another VAE (hub id or folder) in place of the checkpoint's own; ddim: whether our DDIM will
+        sample it (sample.py --scheduler checkpoint does not)."""
         import diffusers
         from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -480,6 +481,12 @@ class Pipeline:
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
         self.ddim = DDIMScheduler.from_config(self.scheduler.config)
         sched = self.ddim.config
+        # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
+        wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
+                                                     ("timestep_spacing", "leading")) if sched[k] != ours]
+        if ddim and wrong:
+            raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
+                            "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
         self.alphas_cumprod = self.ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
         self.num_train_timesteps = sched.num_train_timesteps
         self.steps_offset = sched.steps_offset
@@ -552,7 +559,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not self.enabled:
             return y
-        w = self.lora.down.weight  # LoRA weights stay fp32 while the base may be fp16/bf16
+        # LoRA weights stay fp32 while the base may be fp16/bf16. Under autocast the branch computes in the half
+        # dtype (standard AMP; its fp32 input would double the activations saved for backward); the official
+        # runs use no autocast and compute it in fp32 (peft), the sum being half precision either way.
+        w = self.lora.down.weight
         return y + (self.lora.up(self.lora.down(x.to(w.dtype))) * self.scale).to(y.dtype)
 
 
@@ -916,7 +926,7 @@ def ddim_log_prob(x_prev, mean, std):
 def predict_noise(unet, x, t, cond, uncond, cfg):
     """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
     x (n, c, h, w), t (n,), cond/uncond: conditioning dicts of n rows (Pipeline.encode_prompts). Inputs go in the
-    UNet's dtype, so this works with or without autocast (LoRALinear keeps its own branch in fp32); latents and
+    UNet's dtype, so this works with or without autocast (LoRALinear keeps its weights in fp32); latents and
     the result stay float32."""
     dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
 

@@ -438,7 +438,7 @@ def benchmark(args, pipe):
 def run(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None,
-                    vae=args.vae)
+                    vae=args.vae, ddim=args.scheduler == "ddim")
     scheduler = sampling_scheduler(args, pipe)
     args.sampler_name = "DDIM" if scheduler is None else type(scheduler).__name__  # e.g. PNDMScheduler, in each PNG
     if args.benchmark:

@@ -169,10 +169,16 @@ def test_reused_text_features_give_the_same_scores(golden_spm, spm_io):
     assert torch.equal(direct, reused), "score() with precomputed text features differs from score() with ids"
 
 
-def test_pixels_outside_minus_one_one_are_accepted(golden_spm, spm_io):
+def test_pixels_outside_minus_one_one_are_clamped_after_the_resize(golden_spm, spm_io):
+    """Decoded x0-predictions overshoot [-1, 1]; the official code resizes them first and clamps after (N9), so
+    the overshoot still shapes the pixels next to it."""
+    overshooting = 3 * spm_io["square_images"]
     with torch.no_grad():
-        overshooting = 3 * spm_io["square_images"]
+        pixels = golden_spm.preprocess(overshooting)
         scores = golden_spm.score(overshooting, spm_io["square_input_ids"], spm_io["square_timesteps"])
+    mean, std = golden_spm.mean.view(1, 3, 1, 1), golden_spm.std.view(1, 3, 1, 1)
+    assert ((pixels * std + mean).amin() >= -1e-6) and ((pixels * std + mean).amax() <= 1 + 1e-6), "not clamped"
+    assert not torch.allclose(pixels, golden_spm.preprocess(overshooting.clamp(-1, 1))), "clamped before the resize"
     assert torch.isfinite(scores).all(), "overshooting decoder outputs must be clamped after resize, not rejected"
 
 
@@ -347,6 +353,34 @@ def test_candidate_pool_replays_official_run(golden_pipe):
     torch.testing.assert_close(pairs["lose"], g["valid_next_latents"][:, 1], **close, msg="loser child differs")
     torch.testing.assert_close(pairs["text"], g["valid_prompt_embeds"][:, 0], msg="pair prompt differs")
     torch.testing.assert_close(scores, g["preference_score_logs"], rtol=1e-5, atol=1e-2)
+
+
+def test_each_candidate_is_judged_against_its_own_prompt(golden_pipe):
+    """make_score_fn lines the prompts' text features up with the pool's images as the official run does: the judge
+    of every pool sees exactly the golden extra_info_input_ids, row for row (sample-major, prompt p of candidate j
+    at j * b + p). A judge here whose text features are the prompt's token ids shows which prompt each row got."""
+    g = load_file(str(GOLDEN / "pipeline_run.safetensors"))
+    run = json.loads((GOLDEN / "settings.json").read_text())["pipeline_run"]
+    cfg = spo.Config(model="tiny", steps=8, divert_start_step=2, k=3, cfg=5.0, eta=1.0, threshold=0.3, resolution=16)
+    seen = []
+
+    class TokenIdsAsText:
+        def tokenize(self, prompts):
+            return golden_pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+        def encode_text(self, ids):
+            return ids.float()
+
+        def judge(self, images, t, text):
+            seen.append(text.long())
+            return images.float().mean(dim=(1, 2, 3))
+
+    score_fn = spo.make_score_fn(TokenIdsAsText(), run["prompts"], cfg.k)
+    cond, uncond = golden_pipe.encode_prompts(run["prompts"], (16, 16)), golden_pipe.encode_negative(2, (16, 16))
+    spo.sample_candidate_pool(golden_pipe, golden_pipe.unet, cond, uncond, score_fn, cfg, torch.Generator())
+    assert len(seen) == 6, f"expected one judgement per pool (6), got {len(seen)}"
+    for ids in seen:
+        assert torch.equal(ids, g["extra_info_input_ids"]), "a candidate was judged against another prompt"
 
 
 def test_our_ddim_sampler_equals_diffusers_pipeline(golden_pipe):
@@ -1496,6 +1530,17 @@ def with_released_scheduler(model, folder):
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", config["_class_name"]])))
     return folder
+
+
+def test_a_scheduler_config_our_ddim_does_not_implement_is_refused(tmp_path):
+    """diffusers' DDIM (and so the official code) would clip x0 or space the steps otherwise: not silently ignored."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(D.tiny_pipeline_path("tiny"), folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), clip_sample=True, timestep_spacing="trailing")))
+    with pytest.raises(UserError, match="asks DDIM for clip_sample=True, timestep_spacing='trailing'"):
+        D.Pipeline(str(folder))
+    assert D.Pipeline(str(folder), ddim=False).scheduler.config.clip_sample  # --scheduler checkpoint: diffusers'
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])

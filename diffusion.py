@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,8 @@ def quiet_libraries():
     import diffusers
     import transformers
 
+    # diffusers' hub calls pass an argument huggingface_hub deprecated: its warning would be a second error line
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -693,6 +693,9 @@ def train(cfg, scorer=None, rank=0, world=1):
     if main_rank:
         save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
         print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
+        if global_step == 0:
+            print(f"warning: no pair passed --threshold {cfg.threshold} in this run, so the LoRA was never updated",
+                  file=sys.stderr)
     return pipe
 
 

@@ -746,6 +746,12 @@ def test_bad_prompt_files_and_existing_runs_are_refused(tmp_path, capsys):
     assert (existing / "keep.txt").read_text() == "precious"
 
 
+def test_a_run_that_keeps_no_pair_says_so(tmp_path, capsys):
+    spo.main(FAST + ["--epochs", "1", "--threshold", "0.999", "--out", str(tmp_path / "run")])
+    assert "no pair passed --threshold 0.999 in this run, so the LoRA was never updated" in capsys.readouterr().err
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_overwrite_replaces_only_a_run_folder(tiny_run, tmp_path, capsys, monkeypatch):
     """--overwrite deletes --out: never a folder that is not a run, nor the folder the command runs in."""
     existing = tmp_path / "existing"

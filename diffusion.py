@@ -100,13 +100,18 @@ def output_problem(path, flag, is_file):
     if not str(path).strip():
         return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
     path = Path(path)
-    if is_file and path.is_dir():
-        return f"{flag} {path} is a folder, not a file"
-    if not is_file and path.exists() and not path.is_dir():
-        return f"{flag} {path} is a file, not a folder"
-    parent = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor
-    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return f"{flag} {path} cannot be created: {parent} is not a writable folder"
+    try:
+        if is_file and path.is_dir():
+            return f"{flag} {path} is a folder, not a file"
+        if not is_file and path.exists() and not path.is_dir():
+            return f"{flag} {path} is a file, not a folder"
+        # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
+        where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+        writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
+        if not writable or (path.is_file() and not os.access(path, os.W_OK)):
+            return f"{flag} {path} cannot be written: {where} is not a writable folder"
+    except OSError as err:  # e.g. a folder we may not even look into
+        return f"{flag} {path}: {err.strerror or err}"
     return None
 
 
@@ -456,8 +461,14 @@ class Pipeline:
                 index = DiffusionPipeline.load_config(path)
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
-            # The checkpoint's own scheduler class (SD1.5's PNDM, SDXL's Euler): sample.py --scheduler checkpoint
-            scheduler = getattr(diffusers, (index.get("scheduler") or [None, None])[1] or "", DDIMScheduler)
+            # DDIM configured from the checkpoint's scheduler, or for sample.py --scheduler checkpoint the class that
+            # model_index.json names (SD1.5's PNDM, SDXL's Euler)
+            entry = index.get("scheduler")
+            scheduler = DDIMScheduler if ddim else (isinstance(entry, list) and len(entry) == 2 and isinstance(
+                entry[1], str) and getattr(diffusers, entry[1], None))
+            if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+                raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
+                                f"scheduler ({entry!r})")
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                      ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
             if "text_encoder_2" in index:
@@ -485,6 +496,7 @@ class Pipeline:
         self.ddim = DDIMScheduler.from_config(self.scheduler.config)
         sched = self.ddim.config
         # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
+        # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
         if ddim and wrong:

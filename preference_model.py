@@ -839,8 +839,8 @@ def train_command(args, rank=0, world=1):
             progress_bar.update()
             log(record)
             if bad_steps >= MAX_BAD_STEPS:
-                raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {step}); the last good "
-                                      f"checkpoint is kept in {out / 'checkpoints'}")
+                raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {step}); checkpoints "
+                                      f"from before them, if any, are in {out / 'checkpoints'}")
             if step % args.eval_every == 0 or step == args.max_steps:
                 if main_rank:  # first, as the evaluation can outlast a preemption's grace period at SD1.5 size
                     checkpoint(evaluate_next=True)
@@ -958,10 +958,19 @@ def fill_defaults(args):
         raise UserError(f"'{args.command}' reads parquet shards with pyarrow: pip install pyarrow") from None
 
 
-def remove_unstarted_run(out):
-    """The folder of a fresh run (validation found it empty or absent) that stopped before its first checkpoint."""
-    if out.is_dir() and not any((out / "checkpoints").glob("step-*")):
-        shutil.rmtree(out)
+def remove_unstarted_run(out, created):
+    """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
+    the run made it, else what is in it."""
+    if not out.is_dir() or any((out / "checkpoints").glob("step-*")):
+        return
+    try:
+        for path in [out] if created and not out.is_symlink() else list(out.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    except OSError:  # cleaning up must not hide the error that stopped the run
+        pass
 
 
 def threshold_or_none(value):
@@ -1034,13 +1043,14 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    created = args.command == "train" and not Path(args.out).exists()
     try:
         if world > 1:
             dist.barrier()
         train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
     except UserError as err:  # bad data can show only once it is read: a run that never reached a checkpoint
         if args.command == "train" and not args.resume and rank == 0:  # goes, so the same command can rerun
-            remove_unstarted_run(Path(args.out))
+            remove_unstarted_run(Path(args.out), created)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingAborted as err:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
+from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
                        captioned_grid, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
                        offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file, read_prompts,
                        save_lora_webui, save_png, to_pil)
@@ -154,8 +154,8 @@ def validate(args):
         (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
         (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
         (not args.export_webui or not Path(args.export_webui).exists(), f"--export-webui {args.export_webui} exists"),
-        (0 <= args.seed and args.seed + args.n - 1 <= MAX_SEED,
-         f"--seed and the seeds after it (--n) must be in [0, {MAX_SEED}], got {args.seed}"),
+        (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
+                                                         f"torch's generator seeds, got {args.seed}"),
         (args.device == "cpu" or args.device.startswith("cuda"),
          f"--device must be cpu or cuda[:N], got {args.device}"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),

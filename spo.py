@@ -203,17 +203,26 @@ def validate(cfg):
     out = Path(cfg.out)
     if problem := output_problem(cfg.out, "--out", is_file=False):
         return problems + [problem]
-    is_run = (out / "config.json").is_file()
-    if cfg.resume and not is_run:
+    if cfg.resume and not (out / "config.json").is_file():
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
     if not cfg.resume and out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
                             "pass --resume to continue that run or --overwrite to replace it")
-        elif not is_run or Path.cwd().resolve().is_relative_to(out.resolve()):  # --overwrite deletes the folder
-            problems.append(f"--overwrite replaces a run folder, and {out} is not one (no config.json) or holds the "
-                            "current directory: remove it yourself if that is meant")
+        elif not is_spo_run(out) or out.is_symlink() or Path.cwd().resolve().is_relative_to(out.resolve()):
+            problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
+                            "the current directory): remove it yourself if that is meant")
     return problems
+
+
+def is_spo_run(folder):
+    """Whether `folder` is a run this script wrote: its config.json holds spo.py's settings (a model or SPM folder
+    has a config.json too)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"divert_start_step", "k", "beta", "eps", "threshold"} <= saved.keys()
 
 
 def load_prompts(cfg):

@@ -753,19 +753,23 @@ def test_a_run_that_keeps_no_pair_says_so(tmp_path, capsys):
 
 
 def test_overwrite_replaces_only_a_run_folder(tiny_run, tmp_path, capsys, monkeypatch):
-    """--overwrite deletes --out: never a folder that is not a run, nor the folder the command runs in."""
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    (existing / "keep.txt").write_text("precious")
-    run = tmp_path / "run"
+    """--overwrite deletes --out: never a folder that is not a spo.py run (a model or an SPM run has a config.json
+    too), nor a link to one, nor the folder the command runs in."""
+    existing, model = tmp_path / "existing", tmp_path / "model"
+    for folder, name, text in ((existing, "keep.txt", "precious"), (model, "config.json", '{"architectures": []}')):
+        folder.mkdir()
+        (folder / name).write_text(text)
+    run, link = tmp_path / "run", tmp_path / "link"
     shutil.copytree(tiny_run, run)
+    link.symlink_to(run)
     monkeypatch.chdir(run)
-    for out in (existing, run, Path(".")):
+    for out in (existing, model, link, run, Path(".")):
         with pytest.raises(SystemExit) as exit_info:
             spo.main(FAST + ["--out", str(out), "--overwrite"])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "is not one (no config.json) or holds the current directory" in err, err
-    assert (existing / "keep.txt").read_text() == "precious" and (run / "config.json").is_file()
+        assert exit_info.value.code == 2 and "is not a spo.py run folder (or is a link, or holds the current" in err
+    assert (existing / "keep.txt").read_text() == "precious" and (model / "config.json").is_file()
+    assert (run / "config.json").is_file()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -1547,6 +1551,11 @@ def test_a_scheduler_config_our_ddim_does_not_implement_is_refused(tmp_path):
     with pytest.raises(UserError, match="asks DDIM for clip_sample=True, timestep_spacing='trailing'"):
         D.Pipeline(str(folder))
     assert D.Pipeline(str(folder), ddim=False).scheduler.config.clip_sample  # --scheduler checkpoint: diffusers'
+    index = json.loads((folder / "model_index.json").read_text())
+    for entry in ("DDIMScheduler", ["diffusers"], ["diffusers", "UNet2DConditionModel"], ["x", "NoSuchScheduler"]):
+        (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=entry)))
+        with pytest.raises(UserError, match="names no diffusers scheduler"):
+            D.Pipeline(str(folder), ddim=False)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -1559,7 +1568,7 @@ def test_scheduler_checkpoint_samples_as_diffusers_pipeline_with_the_checkpoints
     folder = with_released_scheduler(model, tmp_path / "pipe")
     ref = DiffusionPipeline.from_pretrained(str(folder))
     ref.set_progress_bar_config(disable=True)
-    pipe = D.Pipeline(str(folder))
+    pipe = D.Pipeline(str(folder), ddim=False)
     name = RELEASED_SCHEDULERS[model]["_class_name"]
     assert type(pipe.scheduler).__name__ == name == type(ref.scheduler).__name__
     prompts, seeds = ["a red cat", "the dog on the lake"], [3, 4]
@@ -1982,7 +1991,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}/metadata.safetensors"], "its LoRA settings are not a JSON object"),
     (["--lora", "{bad}/alpha0.safetensors"], "need lora_alpha > 0"),  # 0 once meant alpha = rank, silently
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
-    (["--seed", "-1"], "--seed and the seeds after it (--n) must be in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed and the seeds after it (--n) must be in [0, 2^64)"),
     (["--out", ""], "--out is empty: name a folder"),
     (["--lora", "{bad}/missing.safetensors"], "--lora: no such file or folder"),
     (["--lora", "{bad}"], "holds no single LoRA file"),
@@ -1998,7 +2007,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--merge", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),
     (["--export-webui", "{bad}"], "--export-webui must name a .safetensors file"),
     (["--out", "{bad}/unknown.safetensors"], "is a file, not a folder"),
-    (["--out", "{bad}/unknown.safetensors/sub"], "cannot be created"),
+    (["--out", "{bad}/unknown.safetensors/sub"], "cannot be written"),
     (["--prompts", "{bad}/nope.txt"], "--prompts: no such file"),
     (["--n", "2", "--out", "{out}.png"], "one PNG file but this run writes 2 images"),
     (["--compare"], "pass --lora"),
@@ -2417,17 +2426,22 @@ def test_a_run_its_data_refuses_before_any_checkpoint_leaves_nothing(dataset, tm
     """Bad rows show only when they are read: the run folder goes, so the same command runs again once the data is
     fixed (it used to stay, and --out 'already holds files' refused the rerun)."""
     folder, path = corrupt(dataset, tmp_path, lambda r: r.update(jpg_1=b"not a jpeg"))
-    out = tmp_path / "out"
-    code = pm.main(["train", "--model", "tiny", "--resolution", "8", "--data", str(folder), "--out", str(out),
-                    "--eval-timesteps", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and f"{path}, row 5, jpg_1: not a readable image" in err and not out.exists(), err
+    absent, empty, link = tmp_path / "absent", tmp_path / "empty", tmp_path / "link"
+    empty.mkdir()
+    link.symlink_to(empty)
+    for out in (absent, empty, link):  # a folder the user made stays, empty again
+        code = pm.main(["train", "--model", "tiny", "--resolution", "8", "--data", str(folder), "--out", str(out),
+                        "--eval-timesteps", "0"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{path}, row 5, jpg_1: not a readable image" in err, err
+        assert not absent.exists() and empty.is_dir() and link.is_symlink() and not any(empty.iterdir())
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset, identity_sd, tmp_path, capsys,
                                                                           monkeypatch):
-    real = pm.preference_loss
+    real, updates = pm.preference_loss, []
     monkeypatch.setattr(pm, "preference_loss", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1))
     out = tmp_path / "out"
     code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
                     str(dataset), "--batch-size", "2", "--grad-accum", "1", "--eval-timesteps", "0", "--max-steps",
@@ -2435,6 +2449,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset
     assert code == 1 and "10 non-finite steps in a row" in capsys.readouterr().err
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 10 and all(r["skipped"] == "non-finite gradient" for r in steps)
+    assert not updates, "a skipped step must not update the SPM"
 
 
 def test_missing_columns_are_named(dataset, tmp_path, capsys):

@@ -100,6 +100,8 @@ def output_problem(path, flag, is_file):
     if not str(path).strip():
         return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{flag} {path} is a broken link"
     try:
         if is_file and path.is_dir():
             return f"{flag} {path} is a folder, not a file"
@@ -113,6 +115,16 @@ def output_problem(path, flag, is_file):
     except OSError as err:  # e.g. a folder we may not even look into
         return f"{flag} {path}: {err.strerror or err}"
     return None
+
+
+def check_text(texts, flag):
+    """Text that UTF-8 cannot encode (a lone surrogate, or undecodable bytes on the command line) would reach the
+    tokenizer as an error that names nothing."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{flag}: not valid Unicode text: {text.encode('utf-8', 'replace').decode()!r}") from None
 
 
 def read_json(path, flag):
@@ -129,7 +141,10 @@ def read_json(path, flag):
 def read_metrics(path):
     """The records of a run's metrics.jsonl, each with its "step". A last line cut short (the run was killed while
     writing it) is dropped; damage anywhere else is a UserError."""
-    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    except OSError as err:
+        raise UserError(f"--resume: {path}: {err.strerror or err}") from None
     records = []
     for i, line in enumerate(lines):
         try:
@@ -144,6 +159,21 @@ def read_metrics(path):
     return records
 
 
+def remove_unstarted_run(out, created):
+    """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
+    the run made it, else what is in it."""
+    if not out.is_dir() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
+        return
+    try:
+        for path in [out] if created and not out.is_symlink() else list(out.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    except OSError:  # cleaning up must not hide the error that stopped the run
+        pass
+
+
 def read_prompts(path, flag):
     """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
     one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
@@ -153,10 +183,12 @@ def read_prompts(path, flag):
         text = Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows editors start files with a BOM
     except UnicodeDecodeError as err:
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: {err.strerror or err}") from None
     if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise UserError(f"{flag} {path}: invalid JSON ({err})") from None
         if not isinstance(items, list):
             raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
@@ -167,6 +199,7 @@ def read_prompts(path, flag):
     else:
         prompts = text.splitlines()
     kept = [p.strip() for p in prompts if p.strip()]
+    check_text(kept, flag)
     if not kept:
         raise UserError(f"{flag} {path}: no prompts in the file")
     if len(kept) < len(prompts):
@@ -459,6 +492,8 @@ class Pipeline:
             offline_if_hub_unreachable(path)
             try:  # model_index.json says which parts the checkpoint has: SDXL's include a second text encoder
                 index = DiffusionPipeline.load_config(path)
+                if not isinstance(index, dict):
+                    raise ValueError("model_index.json is not a JSON object")
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
             # DDIM configured from the checkpoint's scheduler, or for sample.py --scheduler checkpoint the class that
@@ -499,6 +534,8 @@ class Pipeline:
         # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
+        if len(self.ddim.alphas_cumprod) != sched.num_train_timesteps or not 0 <= sched.steps_offset < len(self.ddim.alphas_cumprod):
+            wrong.append(f"trained_betas for {len(self.ddim.alphas_cumprod)} steps, steps_offset={sched.steps_offset}")
         if ddim and wrong:
             raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
                             "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
@@ -716,7 +753,7 @@ def read_lora_file(path):
             config = json.loads(peft_config.read_text())
         else:
             config = {}
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, unreadable
         raise UserError(f"{path}: its LoRA settings are not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: its LoRA settings are not a JSON object")
@@ -795,7 +832,7 @@ def lora_modules(tensors, declared, unet):
             raise UserError(f"the LoRA for {name} has a {'down' if 'down' in p else 'up'} weight but no "
                             f"{'up' if 'down' in p else 'down'} weight")
         down, up = p["down"], p["up"]
-        if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or (
+        if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or down.shape[0] == 0 or (
                 down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
             raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, "
                             f"which do not "

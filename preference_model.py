@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
-                       all_ranks_mean, atomic_write, build_once, cannot_load, ddim_step, finite_float,
+                       all_ranks_mean, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
                        offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
-                       read_metrics, resolve_file, setup_distributed, take, write_tiny_tokenizer)
+                       read_metrics, remove_unstarted_run, resolve_file, setup_distributed, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -733,7 +733,7 @@ def train_command(args, rank=0, world=1):
                    key=lambda d: int(d.name[5:]))
     if args.resume and ckpts:  # every rank loads the same newest checkpoint
         progress = read_json(ckpts[-1] / "progress.json", "--resume")
-        if not all(isinstance(progress.get(k), int) for k in ("step", "micro")):
+        if not all(isinstance(progress.get(k), int) and progress[k] >= 0 for k in ("step", "micro")):
             raise UserError(f"--resume: {ckpts[-1]}/progress.json lacks its step and micro-batch counts")
         if progress.get("world_size", 1) != world:
             raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
@@ -742,8 +742,10 @@ def train_command(args, rank=0, world=1):
             state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-        except Exception as err:
-            raise UserError(f"--resume: {ckpts[-1]}/optimizer.pt is unreadable ({type(err).__name__}: {err})") from None
+        except Exception as err:  # first line only: torch's weights_only message goes on to advise unsafe loading
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"--resume: {ckpts[-1]}/optimizer.pt is unreadable ({type(err).__name__}: {reason})"
+                            ) from None
         step, micro = progress["step"], progress["micro"]
         if main_rank:
             print(f"resuming {out} at step {step}")
@@ -898,6 +900,7 @@ def load_image(path):
 
 
 def score_command(args):
+    check_text([args.prompt], "--prompt")
     preset = PRESETS[args.model]
     model = load_preference_model(
         args.kind, args.base or preset["spm_base"], args.processor or preset["spm_processor"],
@@ -956,21 +959,6 @@ def fill_defaults(args):
         import pyarrow  # noqa: F401 -- the optional extra, needed only by train and eval
     except ImportError:
         raise UserError(f"'{args.command}' reads parquet shards with pyarrow: pip install pyarrow") from None
-
-
-def remove_unstarted_run(out, created):
-    """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
-    the run made it, else what is in it."""
-    if not out.is_dir() or any((out / "checkpoints").glob("step-*")):
-        return
-    try:
-        for path in [out] if created and not out.is_symlink() else list(out.iterdir()):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    except OSError:  # cleaning up must not hide the error that stopped the run
-        pass
 
 
 def threshold_or_none(value):

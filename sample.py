@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
-                       captioned_grid, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
+                       captioned_grid, check_text, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
                        offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file, read_prompts,
                        save_lora_webui, save_png, to_pil)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model
@@ -109,6 +109,8 @@ def parse_args(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
     args.prompt_list = prompt_list(args)
+    check_text(args.prompt, "--prompt")
+    check_text([args.negative_prompt], "--negative-prompt")
     problems = validate(args)
     if problems:
         raise UserError("; ".join(problems))
@@ -247,7 +249,11 @@ def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prom
     if scheduler is None:
         latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators)
     else:
-        latents = checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generators)
+        try:
+            latents = checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generators)
+        except (AttributeError, TypeError, ValueError, IndexError) as err:  # a scheduler that needs another loop
+            raise UserError(f"--scheduler checkpoint: {type(scheduler).__name__} cannot sample {steps} steps in this "
+                            f"loop ({type(err).__name__}: {err})") from None
     return pipe.decode(latents)
 
 

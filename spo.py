@@ -37,10 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
-                       UserError, all_ranks_mean, atomic_write, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps,
-                       finite_float, inject_lora, load_lora, load_safetensors, lora_disabled, output_problem,
-                       predict_noise, read_json, read_metrics, read_prompts, save_grid, save_lora, setup_distributed,
-                       take)
+                       UserError, all_ranks_mean, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
+                       ddim_timesteps, finite_float, inject_lora, load_lora, load_safetensors, lora_disabled,
+                       output_problem, predict_noise, read_json, read_metrics, read_prompts, remove_unstarted_run,
+                       save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +148,10 @@ def parse_args(argv=None):
     merged.setdefault("precision", "fp16" if on_cuda else "fp32")  # bf16 autocast is slower than fp32 on CPUs
     merged.setdefault("compile", on_cuda)  # compiling on CPU costs about a minute per graph
     cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+    check_text(cfg.validation_prompts, "--validation-prompts")
     problems = validate(cfg)
     if problems:
-        raise UserError("\n".join(problems))
+        raise UserError("; ".join(problems))
     return cfg
 
 
@@ -209,9 +210,10 @@ def validate(cfg):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
                             "pass --resume to continue that run or --overwrite to replace it")
-        elif not is_spo_run(out) or out.is_symlink() or Path.cwd().resolve().is_relative_to(out.resolve()):
+        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).resolve().is_relative_to(out.resolve())
+                                                            for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
             problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
-                            "the current directory): remove it yourself if that is meant")
+                            "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
     return problems
 
 
@@ -475,15 +477,18 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
     """The newest checkpoint back into the LoRA (params: its parameters, whose gradients an unfinished
     accumulation group carries), optimizer and scaler; returns (progress, pending pairs or None)."""
     progress = read_json(folder / "progress.json", "--resume")
-    if missing := [k for k in ("position", "global_step", "prompts_sha256") if k not in progress]:
-        raise UserError(f"--resume: {folder}/progress.json lacks {', '.join(missing)}")
+    position, step = progress.get("position"), progress.get("global_step")
+    if not (isinstance(position, list) and len(position) == 3 and all(isinstance(v, int) and v >= 0 for v in position)
+            and isinstance(step, int) and step >= 0 and "prompts_sha256" in progress):
+        raise UserError(f"--resume: {folder}/progress.json lacks a valid position, global_step or prompts_sha256")
     load_lora(unet, folder / "pytorch_lora_weights.safetensors")
     try:
         state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-    except Exception as err:
-        raise UserError(f"--resume: checkpoint {folder} is unreadable ({type(err).__name__}: {err})") from None
+    except Exception as err:  # first line only: torch's weights_only message goes on to advise unsafe loading
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"--resume: checkpoint {folder} is unreadable ({type(err).__name__}: {reason})") from None
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
     if progress.get("group"):  # an unfinished gradient-accumulation group: its gradients must be there
@@ -823,12 +828,18 @@ RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "
 
 def main(argv=None):
     rank, world = setup_distributed()
+    cfg = fresh = None
     try:
         cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
+        out = Path(cfg.out)
+        created = not out.exists()
+        fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not any(out.iterdir()))
         if world > 1:
             dist.barrier()
         benchmark(cfg) if cfg.benchmark else train(cfg, rank=rank, world=world)
-    except UserError as err:
+    except UserError as err:  # e.g. a checkpoint that fails once sampled: a run with no checkpoint yet goes, so
+        if fresh:  # that the same command can run again
+            remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingAborted as err:

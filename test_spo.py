@@ -759,17 +759,36 @@ def test_overwrite_replaces_only_a_run_folder(tiny_run, tmp_path, capsys, monkey
     for folder, name, text in ((existing, "keep.txt", "precious"), (model, "config.json", '{"architectures": []}')):
         folder.mkdir()
         (folder / name).write_text(text)
-    run, link = tmp_path / "run", tmp_path / "link"
+    run, link, with_prompts = tmp_path / "run", tmp_path / "link", tmp_path / "with_prompts"
     shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_run, with_prompts)
+    (with_prompts / "prompts.txt").write_text("a cat\na dog\n")  # it deleted the prompts it was about to train on
     link.symlink_to(run)
     monkeypatch.chdir(run)
-    for out in (existing, model, link, run, Path(".")):
+    for out in (existing, model, link, run, Path("."), with_prompts):
         with pytest.raises(SystemExit) as exit_info:
-            spo.main(FAST + ["--out", str(out), "--overwrite"])
+            spo.main(FAST + ["--out", str(out), "--overwrite", "--prompts", str(with_prompts / "prompts.txt")])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "is not a spo.py run folder (or is a link, or holds the current" in err
     assert (existing / "keep.txt").read_text() == "precious" and (model / "config.json").is_file()
-    assert (run / "config.json").is_file()
+    assert (run / "config.json").is_file() and (with_prompts / "prompts.txt").is_file()
+
+
+def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys):
+    """A checkpoint whose scheduler only fails once sampling starts: the run folder goes again, so the same command
+    can run after the fix (it used to stay and be refused as 'already holds files')."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(D.tiny_pipeline_path("tiny"), folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), prediction_type="bogus")))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out, message in ((tmp_path / "run", "unsupported prediction_type 'bogus'"), (dangling, "is a broken link")):
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--pretrained", str(folder), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err.splitlines()[-1], err
+    assert not (tmp_path / "run").exists() and dangling.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -777,11 +796,13 @@ def test_overwrite_replaces_only_a_run_folder(tiny_run, tmp_path, capsys, monkey
     (b'{"caption": "a cat"}', "JSON but not a list"),  # a dict's keys once became the prompts
     (b'[{"caption": "a cat"}, {"caption": 1}]', "entry 1 is not a string"),
     (b'["a cat", "a dog"', "invalid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "invalid JSON"),  # it overflowed the parser's recursion with a traceback
+    (b'["\\ud800 cat"]', "not valid Unicode text"),  # a lone surrogate reached the tokenizer
 ])
 def test_bad_prompt_files_are_named(content, message, tmp_path):
     path = tmp_path / "prompts.json"
     path.write_bytes(content)
-    with pytest.raises(UserError, match=re.escape(f"--prompts {path}: {message}")):
+    with pytest.raises(UserError, match=re.escape(message)):
         D.read_prompts(path, "--prompts")
 
 
@@ -801,7 +822,8 @@ def test_damaged_run_files_are_named_and_a_torn_metrics_line_is_dropped(tiny_run
     shutil.rmtree(spo.checkpoint_dirs(out)[-1])
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "loss": 0.')
-    for name, damage in (("config.json", "{bad"), ("config.json", "[1]"), ("progress.json", '{"global_step": 3}')):
+    for name, damage in (("config.json", "{bad"), ("config.json", "[1]"), ("progress.json", '{"global_step": 3}'),
+                         ("progress.json", '{"position": "abc", "global_step": 3, "prompts_sha256": "x"}')):
         path = out / name if name == "config.json" else spo.checkpoint_dirs(out)[-1] / name
         good = path.read_text()
         path.write_text(damage)
@@ -1970,6 +1992,7 @@ def bad_loras(tmp_path_factory):
         "shape": {**good, key.replace(".up.", ".down."): torch.zeros(4, 48)},  # in-features 48 for a 32-wide layer
         "text_encoder": {**good, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
         "nan": {**good, key: torch.full((32, 4), float("nan"))},  # it rendered black images with exit code 0
+        "rank0": {**good, key: torch.zeros(32, 0), key.replace(".up.", ".down."): torch.zeros(0, 32)},
         "alpha": {**good, key.replace("lora.up.weight", "alpha"): torch.tensor([4.0, 4.0])},
     }
     for name, state in files.items():
@@ -1987,6 +2010,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}/shape.safetensors"], "down (4, 48) and up (32, 4)"),
     (["--lora", "{bad}/text_encoder.safetensors"], "text-encoder LoRA weights are not supported"),
     (["--lora", "{bad}/nan.safetensors"], "holds non-finite weights"),
+    (["--lora", "{bad}/rank0.safetensors"], "down (0, 32) and up (32, 0) shapes"),
     (["--lora", "{bad}/alpha.safetensors"], "must be one number > 0, got [4.0, 4.0]"),
     (["--lora", "{bad}/metadata.safetensors"], "its LoRA settings are not a JSON object"),
     (["--lora", "{bad}/alpha0.safetensors"], "need lora_alpha > 0"),  # 0 once meant alpha = rank, silently

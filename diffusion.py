@@ -433,8 +433,14 @@ def tiny_pipeline_path(model="tiny"):
 # ----------------------------------------------------------------------------------------------
 # Loading: hub ids and local folders go through the same from_pretrained calls.
 
+def first_line(err):
+    """An exception's first line: library messages can go on for pages (torch's weights-only one goes on to
+    advise unsafe loading)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def cannot_load(what, name, err, flag):
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     return UserError(f"cannot load {what} from '{name}': {reason} "
                      f"(download it and pass a local folder or file with {flag})")
 
@@ -534,8 +540,9 @@ class Pipeline:
         # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
-        if len(self.ddim.alphas_cumprod) != sched.num_train_timesteps or not 0 <= sched.steps_offset < len(self.ddim.alphas_cumprod):
-            wrong.append(f"trained_betas for {len(self.ddim.alphas_cumprod)} steps, steps_offset={sched.steps_offset}")
+        n = len(self.ddim.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
+        if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
+            wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
         if ddim and wrong:
             raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
                             "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
@@ -927,6 +934,16 @@ def load_safetensors(path):
         return load_file(str(path))
     except Exception as err:
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_optimizer_state(path, optimizer, scaler, device):
+    """A checkpoint's optimizer.pt (AdamW and GradScaler state) back into the run, weights-only."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except Exception as err:
+        raise UserError(f"--resume: {path} is unreadable ({type(err).__name__}: {first_line(err)})") from None
 
 
 # ----------------------------------------------------------------------------------------------

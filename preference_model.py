@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
                        all_ranks_mean, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
-                       offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
-                       read_metrics, remove_unstarted_run, resolve_file, setup_distributed, take, write_tiny_tokenizer)
+                       first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem, predict_noise,
+                       quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file, setup_distributed,
+                       take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -366,7 +367,7 @@ def load_checkpoint(model, spec, flag="--checkpoint"):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # first sentence only: torch's weights_only message goes on to advise unsafe loading
-        reason = str(err).strip().splitlines()[0].split(". ")[0]
+        reason = first_line(err).split(". ")[0]
         raise UserError(f"{flag}: cannot read {spec} as .safetensors or weights-only .bin: {reason}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag}: {spec} holds a {type(state).__name__}, not a state dict of tensors")
@@ -433,7 +434,7 @@ def row_groups(shards):
         try:
             meta = pq.ParquetFile(path)
         except Exception as err:
-            raise UserError(f"{path}: not a readable parquet file ({str(err).strip().splitlines()[0]})") from None
+            raise UserError(f"{path}: not a readable parquet file ({first_line(err)})") from None
         missing = [c for c in COLUMNS if c not in meta.schema_arrow.names]
         if missing:
             raise UserError(f"{path}: missing Pick-a-Pic columns {', '.join(missing)}")
@@ -458,7 +459,7 @@ def open_image(value, where):
     try:
         return Image.open(io.BytesIO(value["bytes"] if isinstance(value, dict) else value)).convert("RGB")
     except Exception as err:
-        raise UserError(f"{where}: not a readable image ({str(err).strip().splitlines()[0]})") from None
+        raise UserError(f"{where}: not a readable image ({first_line(err)})") from None
 
 
 def resize_crop(image, resolution):
@@ -738,14 +739,7 @@ def train_command(args, rank=0, world=1):
         if progress.get("world_size", 1) != world:
             raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
         load_checkpoint(model, ckpts[-1] / "spm.safetensors", "--resume")
-        try:
-            state = torch.load(ckpts[-1] / "optimizer.pt", map_location=device, weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-        except Exception as err:  # first line only: torch's weights_only message goes on to advise unsafe loading
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise UserError(f"--resume: {ckpts[-1]}/optimizer.pt is unreadable ({type(err).__name__}: {reason})"
-                            ) from None
+        load_optimizer_state(ckpts[-1] / "optimizer.pt", optimizer, scaler, device)
         step, micro = progress["step"], progress["micro"]
         if main_rank:
             print(f"resuming {out} at step {step}")
@@ -895,7 +889,7 @@ def load_image(path):
         image = Image.open(path)
         image.load()
     except Exception as err:
-        raise UserError(f"--image: cannot read {path}: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"--image: cannot read {path}: {first_line(err)}") from None
     return pil_to_tensor(image)[None]
 
 
@@ -1012,33 +1006,24 @@ def main(argv=None):
     train.add_argument("--warmup-steps", type=int, help="log-rate warmup steps, then linear decay (default: 500)")
     train.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    fresh = False
     try:
         args = parser.parse_args(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    quiet_libraries()  # stderr keeps to one line per error
-    if args.command == "score":
-        try:
+        quiet_libraries()  # stderr keeps to one line per error
+        if args.command == "score":
             score_command(args)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return 0
-    rank, world = setup_distributed()  # under torchrun: one process per GPU
-    try:
+            return 0
+        rank, world = setup_distributed()  # under torchrun: one process per GPU
         fill_defaults(args)  # every rank checks the same flags before any rank writes anything
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    created = args.command == "train" and not Path(args.out).exists()
-    try:
+        if args.command == "train":  # validation found --out empty or absent, unless resuming
+            out = Path(args.out)
+            created, fresh = not out.exists(), not args.resume and rank == 0
         if world > 1:
             dist.barrier()
         train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
-    except UserError as err:  # bad data can show only once it is read: a run that never reached a checkpoint
-        if args.command == "train" and not args.resume and rank == 0:  # goes, so the same command can rerun
-            remove_unstarted_run(Path(args.out), created)
+    except UserError as err:  # bad data can show only once it is read: a fresh run that never reached a checkpoint
+        if fresh:  # goes, so the same command can run again
+            remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingAborted as err:

@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_mean, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
-                       ddim_timesteps, finite_float, inject_lora, load_lora, load_safetensors, lora_disabled,
-                       output_problem, predict_noise, read_json, read_metrics, read_prompts, remove_unstarted_run,
-                       save_grid, save_lora, setup_distributed, take)
+                       ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state, load_safetensors,
+                       lora_disabled, output_problem, predict_noise, read_json, read_metrics, read_prompts,
+                       remove_unstarted_run, save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -482,13 +482,7 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
             and isinstance(step, int) and step >= 0 and "prompts_sha256" in progress):
         raise UserError(f"--resume: {folder}/progress.json lacks a valid position, global_step or prompts_sha256")
     load_lora(unet, folder / "pytorch_lora_weights.safetensors")
-    try:
-        state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-    except Exception as err:  # first line only: torch's weights_only message goes on to advise unsafe loading
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"--resume: checkpoint {folder} is unreadable ({type(err).__name__}: {reason})") from None
+    load_optimizer_state(folder / "optimizer.pt", optimizer, scaler, device)
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
     if progress.get("group"):  # an unfinished gradient-accumulation group: its gradients must be there
@@ -828,7 +822,7 @@ RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "
 
 def main(argv=None):
     rank, world = setup_distributed()
-    cfg = fresh = None
+    fresh = False
     try:
         cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
         out = Path(cfg.out)

@@ -176,7 +176,8 @@ def remove_unstarted_run(out, created):
 
 def read_prompts(path, flag):
     """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
-    one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
+    one prompt a line (UTF-8, a byte-order mark allowed; text that is not JSON is lines unless the file is named
+    .json). Empty prompts are dropped, and said so."""
     if not Path(path).is_file():
         raise UserError(f"{flag}: no such file: {path}")
     try:
@@ -185,11 +186,14 @@ def read_prompts(path, flag):
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise UserError(f"{flag} {path}: {err.strerror or err}") from None
-    if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
+    items = None
+    if text.lstrip().startswith(("[", "{")):  # JSON; other text, e.g. a .txt whose first line is "[style] ...", is lines
         try:
             items = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as err:
-            raise UserError(f"{flag} {path}: invalid JSON ({err})") from None
+            if Path(path).suffix.lower() == ".json":
+                raise UserError(f"{flag} {path}: invalid JSON ({err})") from None
+    if items is not None:
         if not isinstance(items, list):
             raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
         prompts = [item.get("caption") if isinstance(item, dict) else item for item in items]
@@ -222,14 +226,14 @@ def setup_distributed():
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def all_ranks_mean(value, world, op="mean"):
-    """A Python float averaged (or summed) over ranks: the metrics rank 0 writes speak for the whole run."""
+def all_ranks_sum(values, world):
+    """Python numbers summed over ranks in one all-reduce: the metrics rank 0 writes speak for the whole run."""
     if world == 1:
-        return value
+        return [float(v) for v in values]
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(t)
-    return t.item() / (world if op == "mean" else 1)
+    return t.tolist()
 
 
 class StopSignal:

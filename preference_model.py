@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
-                       all_ranks_mean, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
+                       all_ranks_sum, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
                        first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem, predict_noise,
                        quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file, setup_distributed,
                        take, write_tiny_tokenizer)
@@ -656,8 +656,8 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
                 s0, s1 = pair_scores(model, x0, x1, ids, tt)
             correct[t] += ((s0 > s1) * l0 + (s0 < s1) * l1)[counted].sum().item()
         count += int(counted.sum())
-    count = int(all_ranks_mean(count, world, op="sum"))
-    correct = {t: all_ranks_mean(c, world, op="sum") for t, c in correct.items()}  # halves and wholes: exact
+    *sums, count = all_ranks_sum([*correct.values(), count], world)  # halves and wholes: exact
+    correct, count = dict(zip(correct, sums)), int(count)
     if count == 0:
         raise UserError("validation: no labelled pairs (has_label) in the validation_unique shards")
     return {t: c / count for t, c in correct.items()}, count
@@ -796,7 +796,7 @@ def train_command(args, rank=0, world=1):
         progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
         while step < args.max_steps:
             # A signal to any rank stops all of them before the same step (one all-reduce per step).
-            if all_ranks_mean(float(stop.signum is not None), world, op="sum"):
+            if any(all_ranks_sum([stop.signum is not None], world)):
                 if main_rank:
                     checkpoint()
                     print(f"stopped by a signal: checkpoint {out / 'checkpoints' / f'step-{step}'}; continue with the "
@@ -823,7 +823,7 @@ def train_command(args, rank=0, world=1):
                 micro += 1
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # of the averaged gradients
-            record = dict(step=step + 1, loss=all_ranks_mean(total, world), lr=lr, grad_norm=grad_norm)
+            record = dict(step=step + 1, loss=all_ranks_sum([total], world)[0] / world, lr=lr, grad_norm=grad_norm)
             if math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced
                 scaler.step(optimizer)
                 bad_steps = 0
@@ -862,11 +862,13 @@ def eval_command(args, rank=0, world=1):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-# SPM training defaults: the reference's SD1.5 run (its configs and DeepSpeed settings). It used 4 GPUs with
-# batch 16 and 16 accumulation steps each (1024 pairs per update). Both are per GPU here as there: one GPU
-# needs --grad-accum 64 for the same 1024.
+# SPM training defaults: the reference's SD1.5 run (its configs and DeepSpeed settings) on 4 GPUs with batch 16
+# each. Its DeepSpeed config asks for 16 accumulation steps, but the accelerate it pins (commit d1aa558, 0.18.dev)
+# overwrites them with the Accelerator's 1 ("Updating DeepSpeed's gradient accumulation steps to 1 from 16"):
+# 8000 updates of 4 x 16 = 64 pairs, about one pass over Pick-a-Pic v1. Batch and accumulation are per GPU here as
+# there: one GPU needs --grad-accum 4 for the same 64.
 TRAIN_DEFAULTS = {
-    "sd15": dict(max_steps=8000, eval_every=1000, batch_size=16, grad_accum=16, lr=3e-6, weight_decay=0.3,
+    "sd15": dict(max_steps=8000, eval_every=1000, batch_size=16, grad_accum=1, lr=3e-6, weight_decay=0.3,
                  warmup_steps=500),
     "tiny": dict(max_steps=60, eval_every=30, batch_size=16, grad_accum=1, lr=1e-3, weight_decay=0.0,
                  warmup_steps=5),  # a demonstration, as spo.py --model tiny
@@ -999,7 +1001,7 @@ def main(argv=None):
     train.add_argument("--init-checkpoint", help="start from these SPM weights (default: PickScore + identity init)")
     train.add_argument("--max-steps", type=int, help="optimizer steps (default: 8000)")
     train.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps (default: 1000)")
-    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU (default: 16; "
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU (default: 1; "
                        "pairs per update = batch size x this x GPUs)")
     train.add_argument("--lr", type=finite_float, help="AdamW peak learning rate (default: 3e-6)")
     train.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay (default: 0.3)")

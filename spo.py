@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
-                       UserError, all_ranks_mean, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
+                       UserError, all_ranks_sum, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
                        ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state, load_safetensors,
                        lora_disabled, output_problem, predict_noise, read_json, read_metrics, read_prompts,
                        remove_unstarted_run, save_grid, save_lora, setup_distributed, take)
@@ -509,8 +509,9 @@ def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimize
         logps = pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg)
     loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
     scaler.scale(loss / cfg.grad_accum).backward()
-    group.append(tuple(all_ranks_mean(v.mean().item(), world) for v in (loss, ratio_w, ratio_l))
-                 + (int(all_ranks_mean(len(pairs["t"]), world, op="sum")),))
+    stats = torch.stack([loss.detach(), ratio_w.mean(), ratio_l.mean()]).tolist()  # the micro-batch's one sync
+    loss, ratio_w, ratio_l, n = all_ranks_sum([*stats, len(pairs["t"])], world)
+    group.append((loss / world, ratio_w / world, ratio_l / world, int(n)))
     if len(group) < cfg.grad_accum:
         return None
     scaler.unscale_(optimizer)
@@ -633,7 +634,7 @@ def train(cfg, scorer=None, rank=0, world=1):
             return save_checkpoint(out, pipe.unet, optimizer, scaler, progress, pending, cfg.keep, grads)
 
     def stop_requested(stop):  # a signal to any rank stops all of them at the same step
-        return bool(all_ranks_mean(float(stop.signum is not None), world, op="sum"))
+        return any(all_ranks_sum([stop.signum is not None], world))
 
     def stopped(folder):
         if main_rank:
@@ -678,8 +679,9 @@ def train(cfg, scorer=None, rank=0, world=1):
                     if record is None:  # the group goes on, into the next prompt batch if need be
                         continue
                     global_step += 1
+                    score_mean, score_std = torch.stack([pairs["scores"].mean(), pairs["scores"].std()]).tolist()
                     record = dict(step=global_step, epoch=epoch, batch=batch, **record, pairs_kept=len(perm),
-                                  score_mean=pairs["scores"].mean().item(), score_std=pairs["scores"].std().item())
+                                  score_mean=score_mean, score_std=score_std)
                     if main_rank:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")

@@ -806,12 +806,15 @@ def test_bad_prompt_files_are_named(content, message, tmp_path):
         D.read_prompts(path, "--prompts")
 
 
-def test_prompt_files_with_a_byte_order_mark_and_quotes_read_as_meant(tmp_path):
+def test_prompt_files_with_a_byte_order_mark_quotes_and_brackets_read_as_meant(tmp_path):
     path = tmp_path / "prompts.json"
     path.write_text('[{"caption": "a cat"}, "a dog"]', encoding="utf-8-sig")  # Windows editors write a BOM
     assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
     path.write_text('"a cat" in the rain\na dog\n')  # plain text, even if a line starts with a quote
     assert D.read_prompts(path, "--prompts") == ['"a cat" in the rain', "a dog"]
+    text = tmp_path / "prompts.txt"  # a first line in brackets is text, not broken JSON, unless the file is .json
+    text.write_text("[watercolor] a cat\n{a, b} dog\n")
+    assert D.read_prompts(text, "--prompts") == ["[watercolor] a cat", "{a, b} dog"]
 
 
 def test_damaged_run_files_are_named_and_a_torn_metrics_line_is_dropped(tiny_run, tmp_path, capsys):
@@ -2062,6 +2065,14 @@ def test_export_webui_never_overwrites_a_file(tmp_path, capsys):
         sample.main(GOLDEN_RUN + ["--lora", str(lora), "--export-webui", str(lora)])
     assert exit_info.value.code == 2 and f"--export-webui {lora} exists" in capsys.readouterr().err
     assert lora.read_bytes() == (LORA / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_images_with_nan_pixels_are_reported_not_passed_off_as_pictures(tmp_path, capsys):
+    """A guidance scale that overflows (or fp16 overflowing in a VAE) makes NaN pixels, which save as black."""
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--cfg", "1e30", "--out", str(tmp_path)])
+    assert "warning: 2 of 2 images have NaN or inf pixels" in capsys.readouterr().err
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path)])
+    assert "NaN" not in capsys.readouterr().err
 
 
 def test_no_prompt_is_refused_unless_only_exporting(tmp_path, capsys):

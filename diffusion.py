@@ -1,7 +1,8 @@
 """The pieces that spo.py, sample.py and preference_model.py all need, in one flat module.
 
-Model presets and loading, the tiny offline models, hand-rolled LoRA, and the DDIM step with its
-log-probability. Imports run one way: this file imports none of the three scripts.
+Model presets and loading, the tiny offline models, hand-rolled LoRA and its file formats, the DDIM step with
+its log-probability, and what every command line needs (input checks, atomic files, several GPUs, image grids).
+Imports run one way: this file imports none of the three scripts.
 """
 import argparse
 import contextlib
@@ -93,6 +94,7 @@ def finite_float(text):
 
 
 MAX_SEED = 2**32 - 1  # seeds are mixed into derived seeds; torch's generators take at most 64 bits
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the --precision flags
 
 
 def output_problem(path, flag, is_file):
@@ -187,7 +189,7 @@ def read_prompts(path, flag):
     except OSError as err:
         raise UserError(f"{flag} {path}: {err.strerror or err}") from None
     items = None
-    if text.lstrip().startswith(("[", "{")):  # JSON; other text, e.g. a .txt whose first line is "[style] ...", is lines
+    if text.lstrip().startswith(("[", "{")):  # JSON; other text ("[style] a cat" in a .txt) is one prompt a line
         try:
             items = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as err:
@@ -506,14 +508,14 @@ class Pipeline:
                     raise ValueError("model_index.json is not a JSON object")
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
-            # DDIM configured from the checkpoint's scheduler, or for sample.py --scheduler checkpoint the class that
-            # model_index.json names (SD1.5's PNDM, SDXL's Euler)
-            entry = index.get("scheduler")
-            scheduler = DDIMScheduler if ddim else (isinstance(entry, list) and len(entry) == 2 and isinstance(
-                entry[1], str) and getattr(diffusers, entry[1], None))
-            if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
-                raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
-                                f"scheduler ({entry!r})")
+            scheduler = DDIMScheduler  # configured from the checkpoint's scheduler config
+            if not ddim:  # sample.py --scheduler checkpoint: the class model_index.json names (PNDM, Euler)
+                entry = index.get("scheduler")
+                name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+                scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
+                if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+                    raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
+                                    f"scheduler ({entry!r})")
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                      ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
             if "text_encoder_2" in index:
@@ -536,7 +538,6 @@ class Pipeline:
             m.requires_grad_(False).eval().to(device, dtype)
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
-        self.source = pretrained
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
         self.ddim = DDIMScheduler.from_config(self.scheduler.config)
         sched = self.ddim.config
@@ -547,7 +548,7 @@ class Pipeline:
         n = len(self.ddim.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
         if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
             wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
-        if ddim and wrong:
+        if ddim and wrong:  # with --scheduler checkpoint, diffusers steps the checkpoint's own scheduler
             raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
                             "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
         self.alphas_cumprod = self.ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
@@ -629,9 +630,9 @@ class LoRALinear(nn.Module):
         return y + (self.lora.up(self.lora.down(x.to(w.dtype))) * self.scale).to(y.dtype)
 
 
-def inject_lora(unet, rank, alpha, targets=LORA_TARGETS):
+def inject_lora(unet, rank, alpha):
     """Replace every target Linear of the UNet by a LoRALinear; returns the LoRA parameters (fp32)."""
-    suffixes = tuple("." + t for t in targets)
+    suffixes = tuple("." + t for t in LORA_TARGETS)
     names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
     for name in names:
         parent_name, child = name.rsplit(".", 1)
@@ -644,18 +645,17 @@ def lora_layers(unet):
     return [m for m in unet.modules() if isinstance(m, LoRALinear)]
 
 
-class lora_disabled:
-    """`with lora_disabled(unet):` runs the frozen base model: the SPO reference (scale 0 *is* the reference)."""
-
-    def __init__(self, unet):
-        self.layers = lora_layers(unet)
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enabled = False
-
-    def __exit__(self, *exc):
-        for m in self.layers:
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """`with lora_disabled(unet):` runs the frozen base model, which is the SPO reference: with the LoRA branch
+    off, every LoRALinear is exactly its base Linear."""
+    layers = lora_layers(unet)
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
             m.enabled = True
 
 
@@ -953,7 +953,7 @@ def load_optimizer_state(path, optimizer, scaler, device):
 # ----------------------------------------------------------------------------------------------
 # DDIM (Song et al. 2021) with the log-probability SPO needs. Symbols, as in the DDIM paper:
 #   a_t = alphas_cumprod[t] (alpha_t in DDIM),  x0 = pred_original_sample,  eps = pred_epsilon,
-#   std = sigma_t of eq. (16) times eta,  mean = the x_{t-1} of eq. (12) without the noise term.
+#   std = sigma_t(eta) of eq. (16),  mean = the x_{t-1} of eq. (12) without the noise term.
 
 def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
     """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
+from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
                        all_ranks_sum, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
                        first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem, predict_noise,
                        quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file, setup_distributed,
@@ -675,7 +675,7 @@ def precision_setup(args, world=1):
     device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    dtype = DTYPES[args.precision]
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     return device, dtype, autocast
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion import (PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
+from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
                        captioned_grid, check_text, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
                        offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file, read_prompts,
                        save_lora_webui, save_png, to_pil)
@@ -94,7 +94,7 @@ def parse_args(argv=None):
     add("--benchmark", type=int, default=0, metavar="N", help="images per second and peak memory of this sampler "
                                                               "and of diffusers' pipeline, N timed batches; no files")
     add("--device", help="cpu or cuda[:N] (default: cuda if available)")
-    add("--precision", choices=["fp16", "bf16", "fp32"], help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
+    add("--precision", choices=list(DTYPES), help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
     preset = PRESETS[args.model]
     args.pretrained = args.pretrained or preset["pretrained"]
@@ -446,7 +446,7 @@ def benchmark(args, pipe):
 
 
 def run(args):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    dtype = DTYPES[args.precision]
     pipe = Pipeline(args.pretrained, args.device, dtype, random_init=args.model if args.random_init else None,
                     vae=args.vae, ddim=args.scheduler == "ddim")
     scheduler = sampling_scheduler(args, pipe)

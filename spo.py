@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
+from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
                        ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state, load_safetensors,
                        lora_disabled, output_problem, predict_noise, read_json, read_metrics, read_prompts,
@@ -81,7 +81,7 @@ class Config:
     sample_batch_size: int = 10  # prompts per batch
     train_batch_size: int = 10  # pairs per micro-batch, per GPU
     grad_accum: int = 1  # micro-batches per optimizer step, counted across prompt batches as the official run
-    max_grad_norm: float = 1.0  # 0 = no clipping, which is what the official code ends up doing
+    max_grad_norm: float = 1.0  # as the official config, whose clip call never runs: 0 (no clipping) reproduces it
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     preference_precision: str = "fp32"  # the judge's weights (its timestep embedding stays fp32); official: fp32
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
@@ -110,125 +110,17 @@ PRESET_OVERRIDES = {
 }
 TINY_PROMPTS = ["a photo of a cat", "a red dog", "a beautiful lake", "an image of the lake", "a cat on a dog",
                 "a photo of a red lake", "the dog", "a beautiful photo of a cat"]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": ["fp16", "bf16", "fp32"],
-           "preference_precision": ["fp16", "bf16", "fp32"],
+CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precision": list(DTYPES),
+           "preference_precision": list(DTYPES),
            "compile_mode": ["default", "reduce-overhead", "max-autotune"]}
 
 
-def parse_args(argv=None):
-    """Flags, then the --model preset, then the Config defaults: the first that gives a value wins."""
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    # --help shows each field's trailing comment in Config, so one line documents each setting
-    comments = dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    for f in dataclasses.fields(Config):
-        default = f.default
-        comment = comments.get(f.name, "")
-        presets = "".join(f", {m}: {o[f.name]}" for m, o in PRESET_OVERRIDES.items() if f.name in o)
-        kw = dict(default=None, help=comment if default is None and "default" in comment else
-                  f"{comment} (default: {'none' if default is None else default}{presets})")
-        if f.type in (bool, "bool"):  # --compile / --no-compile; a None default leaves it to the device
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, tuple):
-            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(default[0]), **kw)
-        else:
-            typ = {"int": int, "float": finite_float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument("--" + f.name.replace("_", "-"), type=typ, choices=CHOICES.get(f.name), **kw)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    model = args.get("model", Config.model)
-    preset = PRESETS[model]
-    from_preset = {"pretrained": preset["pretrained"], "vae": preset["vae"], "resolution": preset["resolution"],
-                   "preference_model": preset["spm_base"], "preference_processor": preset["spm_processor"],
-                   # plain PickScore has no time conditioning, so no SPM checkpoint applies to it
-                   "preference_checkpoint": preset["spm_checkpoint"] if args.get("preference") != "pickscore" else None,
-                   **PRESET_OVERRIDES[model]}
-    merged = {**from_preset, **args}
-    merged["device"] = merged.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_cuda = merged["device"].startswith("cuda")
-    merged.setdefault("precision", "fp16" if on_cuda else "fp32")  # bf16 autocast is slower than fp32 on CPUs
-    merged.setdefault("compile", on_cuda)  # compiling on CPU costs about a minute per graph
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
-    check_text(cfg.validation_prompts, "--validation-prompts")
-    problems = validate(cfg)
-    if problems:
-        raise UserError("; ".join(problems))
-    return cfg
-
-
-def validate(cfg):
-    """Every check that needs no model, so a typo costs a second, not an hour of sampling."""
-    checks = [
-        (cfg.k >= 2, f"--k must be at least 2 (a pool needs a winner and a loser), got {cfg.k}"),
-        (0 <= cfg.threshold < 1, f"--threshold must be in [0, 1), got {cfg.threshold}"),
-        (0 < cfg.eps < 1, f"--eps must be in (0, 1), got {cfg.eps}"),
-        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
-        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
-        (0 <= cfg.divert_start_step < cfg.steps - (0 if cfg.pool_at_last_step else 1),
-         f"--divert-start-step must be in [0, --steps{'' if cfg.pool_at_last_step else ' - 1'}), got "
-         f"{cfg.divert_start_step} with --steps {cfg.steps}"
-         + ("" if cfg.pool_at_last_step else " (without --pool-at-last-step the last step cannot start a pool)")),
-        (cfg.num_inner_step >= 0, f"--num-inner-step must be >= 0, got {cfg.num_inner_step}"),
-        (0 < cfg.eta <= 1, f"--eta must be in (0, 1]: at 0 DDIM is deterministic and candidates cannot differ, above 1 "
-                           f"its variance formula breaks down, got {cfg.eta}"),
-        (cfg.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {cfg.steps}"),
-        (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
-        (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
-        (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
-        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1, got {cfg.lora_rank}"),
-        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (all(0 <= s <= MAX_SEED for s in (cfg.seed, *cfg.validation_seeds)),
-         f"--seed and --validation-seeds must be in [0, {MAX_SEED}], got {cfg.seed}, {list(cfg.validation_seeds)}"),
-        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
-        (cfg.save_every >= 0 and cfg.keep >= 0,
-         f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
-        (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
-        (cfg.resolution % 8 == 0 and cfg.resolution > 0,
-         f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
-        (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
-         f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
-        (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
-        (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
-        (not cfg.device.startswith("cuda") or torch.cuda.is_available(),
-         "--device cuda but no CUDA device is available"),
-    ]
-    problems = [msg for ok, msg in checks if not ok]
-    for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
-        if path and not Path(path).is_file():
-            problems.append(f"{flag}: no such file: {path}")
-    if cfg.benchmark:  # writes nothing
-        return problems
-    out = Path(cfg.out)
-    if problem := output_problem(cfg.out, "--out", is_file=False):
-        return problems + [problem]
-    if cfg.resume and not (out / "config.json").is_file():
-        problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-    if not cfg.resume and out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            problems.append(f"--out {out} already holds files: "
-                            "pass --resume to continue that run or --overwrite to replace it")
-        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).resolve().is_relative_to(out.resolve())
-                                                            for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
-            problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
-                            "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
-    return problems
-
-
-def is_spo_run(folder):
-    """Whether `folder` is a run this script wrote: its config.json holds spo.py's settings (a model or SPM folder
-    has a config.json too)."""
-    try:
-        saved = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and {"divert_start_step", "k", "beta", "eps", "threshold"} <= saved.keys()
-
-
-def load_prompts(cfg):
-    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
+# Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
+RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "preference_model",
+                      "preference_processor", "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg",
+                      "divert_start_step", "k", "num_inner_step", "pool_at_last_step", "threshold", "beta", "eps", "lr",
+                      "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size", "train_batch_size", "grad_accum",
+                      "max_grad_norm", "precision", "preference_precision", "random_init")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +140,6 @@ def pick_win_lose(scores, threshold):
 
 
 COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
-NOT_PAIRS = ("scores", "perm")  # what rides along with the pairs but is not a pair's
 
 
 def pool_steps(cfg):
@@ -259,6 +150,11 @@ def pool_steps(cfg):
     return list(range(cfg.divert_start_step, end, cfg.num_inner_step + 1))
 
 
+def sampling_unet_calls(cfg):
+    """UNet samples (CFG-batched) per prompt: one per step up to the first pool, then one per pool member."""
+    return cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
+
+
 @torch.no_grad()
 def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     """Run one batch of prompts through the SPO sampler and return the kept training pairs.
@@ -266,7 +162,7 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     cond/uncond: conditioning dicts of b rows (Pipeline.encode_prompts). score_fn(images (n, 3, H, W), timesteps
     (n,)) -> (n,) scores, already bound to the batch's prompts, sample-major: index j * b + p is candidate j of
     prompt p. Random draws follow the official order exactly (golden README section 9), so a CPU run is bit-exact.
-    Returns the kept pairs, dict(x_t, x_t_lose, t, win, lose, **cond) with V rows, and all scores."""
+    Returns the kept pairs, dict(x_t, x_t_lose, t, win, lose, **cond) with a row per pair, and all scores."""
     b, k, device = len(cond["text"]), cfg.k, cond["text"].device
     step_ratio = pipe.num_train_timesteps // cfg.steps
     timesteps = ddim_timesteps(cfg.steps, pipe.num_train_timesteps, pipe.steps_offset).to(device)
@@ -328,59 +224,6 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     return {key: value[keep] for key, value in pairs.items()}, torch.cat(all_scores)
 
 
-# ----------------------------------------------------------------------------------------------
-# TRAINING: the SPO loss on the kept pairs.
-
-
-def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
-    """log p(winner | x_t) and log p(loser | x_t_lose) under the policy (with grad) and the reference (no grad).
-    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper. uncond_1: the
-    negative conditioning, one row."""
-    n = len(pairs["t"])
-    # Deliberate difference from the official code, same math: where winner and loser share x_t (every pair of
-    # SD1.5, the first of each SDXL chunk), one forward serves both (the official code runs two). Inner SDXL
-    # transitions have a parent each, and the loser's gets its own row.
-    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1)  # (n,)
-    rows = torch.cat([torch.arange(n, device=own.device), own.nonzero()[:, 0]])  # the pair behind each UNet row
-    lose_row = torch.arange(n, device=own.device)
-    lose_row[own] = n + torch.arange(int(own.sum()), device=own.device)
-    x_t, t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]]), pairs["t"][rows]
-    cond = {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
-    uncond = take(uncond_1, torch.zeros_like(rows))
-    step_ratio = pipe.num_train_timesteps // cfg.steps
-    eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
-    # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
-    with torch.no_grad(), lora_disabled(reference):
-        eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
-    _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
-    _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
-    lp = lambda child, m, row: ddim_log_prob(child, m[row], std[row])
-    win_row = torch.arange(n, device=own.device)
-    return (lp(pairs["win"], mean, win_row), lp(pairs["lose"], mean, lose_row),
-            lp(pairs["win"], mean_ref, win_row), lp(pairs["lose"], mean_ref, lose_row))
-
-
-def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
-    """The step-wise DPO objective of SPO: -log sigmoid(beta * (log r_w - log r_l)), r = p_policy / p_ref.
-
-    As in the official code the ratios are clamped to [1 - eps, 1 + eps] on both sides (no PPO min), so a
-    clamped side has zero gradient and |beta * (log r_w - log r_l)| stays small enough for log(sigmoid(.))."""
-    ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
-    ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
-    loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
-    return loss, ratio_w, ratio_l
-
-
-# ----------------------------------------------------------------------------------------------
-# Run: setup, the epoch loop, checkpoints.
-
-
-def derived_seed(cfg, *parts):
-    """A seed for one purpose, e.g. ("sample", epoch, batch, rank). Every prompt batch draws from its own
-    generators, so a resumed run draws exactly what an uninterrupted one would, without saving RNG state."""
-    return int.from_bytes(hashlib.sha256(repr((cfg.seed, *parts)).encode()).digest()[:8], "little") >> 1
-
-
 def make_score_fn(scorer, prompts, k):
     """Bind the batch's prompts to the preference model. Prompts go through the preference model's own
     tokenizer, and their text features are computed once, not once per candidate and step. The judge runs in
@@ -396,8 +239,93 @@ def make_score_fn(scorer, prompts, k):
     return score
 
 
+# ----------------------------------------------------------------------------------------------
+# TRAINING: the SPO loss on the kept pairs.
+
+
+def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
+    """log p(winner | x_t) and log p(loser | x_t_lose) under the policy (with grad) and the reference (no grad).
+    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper. uncond_1: the
+    negative conditioning, one row."""
+    n = len(pairs["t"])
+    # Deliberate difference from the official code, same math: where winner and loser share x_t (every pair of
+    # SD1.5, the first of each SDXL chunk), one forward serves both (the official code runs two). Inner SDXL
+    # transitions have a parent each, and the loser's gets its own row.
+    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1)  # (n,): losers with a parent of their own
+    x_t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]])  # (n + n_own, c, h, w): the UNet's input rows
+    rows = torch.cat([torch.arange(n, device=own.device), own.nonzero()[:, 0]])  # the pair behind each row
+    win_row = torch.arange(n, device=own.device)
+    lose_row = win_row.clone()
+    lose_row[own] = n + torch.arange(int(own.sum()), device=own.device)
+    t, cond = pairs["t"][rows], {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
+    uncond = take(uncond_1, torch.zeros_like(rows))
+    step_ratio = pipe.num_train_timesteps // cfg.steps
+    eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
+    # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
+    with torch.no_grad(), lora_disabled(reference):
+        eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
+    _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    lp = lambda child, m, row: ddim_log_prob(child, m[row], std[row])  # std depends on t only: the reference's too
+    return (lp(pairs["win"], mean, win_row), lp(pairs["lose"], mean, lose_row),
+            lp(pairs["win"], mean_ref, win_row), lp(pairs["lose"], mean_ref, lose_row))
+
+
+def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
+    """The step-wise DPO objective of SPO: -log sigmoid(beta * (log r_w - log r_l)), r = p_policy / p_ref.
+
+    As in the official code the ratios are clamped to [1 - eps, 1 + eps] on both sides (no PPO min), so a
+    clamped side has zero gradient and |beta * (log r_w - log r_l)| stays small enough for log(sigmoid(.))."""
+    ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
+    ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
+    loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
+    return loss, ratio_w, ratio_l
+
+
+def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimizer, scaler, autocast, cfg, world,
+                      group):
+    """Backpropagate one micro-batch of pairs into the LoRA's gradients, scaled by 1 / grad_accum; once the group
+    holds grad_accum micro-batches, update the LoRA. Groups run on across prompt batches, as accelerate counts
+    them in the official run. group: the metrics of the micro-batches accumulated so far (an update empties it).
+    Returns the update's metrics, or None. DDP all-reduces every micro-batch, and the metrics too, so what a group
+    carries (into the next prompt batch, or a checkpoint) is the same on every rank. A non-finite loss or gradient skips
+    the update on every rank alike (fp16 GradScaler semantics, for every precision)."""
+    with autocast:
+        logps = pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg)
+    loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
+    scaler.scale(loss / cfg.grad_accum).backward()
+    stats = torch.stack([loss.detach(), ratio_w.mean(), ratio_l.mean()]).tolist()  # the micro-batch's one sync
+    *sums, n = all_ranks_sum([*stats, len(pairs["t"])], world)
+    group.append(tuple(v / world for v in sums) + (int(n),))  # (loss, ratio_w, ratio_l, pairs) of all ranks
+    if len(group) < cfg.grad_accum:
+        return None
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
+    mean = lambda j: sum(r[j] for r in group) / len(group)  # over the group's micro-batches
+    record = dict(loss=mean(0), ratio_win=mean(1), ratio_lose=mean(2), grad_norm=grad_norm,
+                  pairs=sum(r[3] for r in group))
+    if math.isfinite(grad_norm):  # the norm of the all-reduced gradients: the same on every rank
+        scaler.step(optimizer)
+    else:
+        record["skipped"] = "non-finite loss" if not math.isfinite(record["loss"]) else "non-finite gradient"
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    group.clear()
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Run: setup, the epoch loop, checkpoints.
+
+
+def derived_seed(cfg, *parts):
+    """A seed for one purpose, e.g. ("sample", epoch, batch, rank). Every prompt batch draws from its own
+    generators, so a resumed run draws exactly what an uninterrupted one would, without saving RNG state."""
+    return int.from_bytes(hashlib.sha256(repr((cfg.seed, *parts)).encode()).digest()[:8], "little") >> 1
+
+
 @torch.no_grad()
-def save_validation_grid(pipe, unet, cfg, path):
+def save_validation_grid(pipe, cfg, path):
     """Fixed prompts and seeds, plain DDIM (eta 0) as the official validation, one image per (prompt, seed)."""
     size, pixels = cfg.resolution // pipe.vae_scale, (cfg.resolution, cfg.resolution)
     uncond = pipe.encode_negative(1, pixels)
@@ -406,8 +334,8 @@ def save_validation_grid(pipe, unet, cfg, path):
         cond = pipe.encode_prompts([prompt], pixels)
         for seed in cfg.validation_seeds:
             gen = torch.Generator(pipe.unet.device).manual_seed(seed)
-            z = torch.randn((1, unet.config.in_channels, size, size), generator=gen, device=pipe.unet.device)
-            images.append(pipe.decode(ddim_sample(pipe, unet, cond, uncond, z, cfg.steps, cfg.cfg)))
+            z = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=gen, device=pipe.unet.device)
+            images.append(pipe.decode(ddim_sample(pipe, pipe.unet, cond, uncond, z, cfg.steps, cfg.cfg)))
     save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
 
 
@@ -451,7 +379,7 @@ def checkpoint_dirs(out):
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0, grads=None):
     """checkpoints/epoch-E_batch-B_pair-P/: LoRA, optimizer and GradScaler state, progress (and pending pairs, and
     the gradients of a gradient-accumulation group not yet complete). No RNG state is needed: every prompt batch
-    seeds its own generator (batch_generator). Written under a temporary name and renamed, so a crash never
+    seeds its own generators (derived_seed). Written under a temporary name and renamed, so a crash never
     leaves a half checkpoint that --resume would pick."""
     from safetensors.torch import save_file
 
@@ -492,41 +420,7 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
                             f"{len(params)} tensors")
         for i, p in enumerate(params):
             p.grad = grads[str(i)].to(device)
-    if pending is not None and "cond" in pending:  # written before SDXL: one parent per pair, embeddings as "cond"
-        pending["text"], pending["x_t_lose"] = pending.pop("cond"), pending["x_t"]
     return progress, pending
-
-
-def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimizer, scaler, autocast, cfg, world,
-                      group):
-    """Backpropagate one micro-batch of pairs into the LoRA's gradients, scaled by 1 / grad_accum; once the group
-    holds grad_accum micro-batches, update the LoRA. Groups run on across prompt batches, as accelerate counts
-    them in the official run. group: the metrics of the micro-batches accumulated so far (an update empties it).
-    Returns the update's metrics, or None. DDP all-reduces every micro-batch, and the metrics too, so what a group
-    carries (into the next prompt batch, or a checkpoint) is the same on every rank. A non-finite loss or gradient skips
-    the update on every rank alike (fp16 GradScaler semantics, for every precision)."""
-    with autocast:
-        logps = pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg)
-    loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
-    scaler.scale(loss / cfg.grad_accum).backward()
-    stats = torch.stack([loss.detach(), ratio_w.mean(), ratio_l.mean()]).tolist()  # the micro-batch's one sync
-    loss, ratio_w, ratio_l, n = all_ranks_sum([*stats, len(pairs["t"])], world)
-    group.append((loss / world, ratio_w / world, ratio_l / world, int(n)))
-    if len(group) < cfg.grad_accum:
-        return None
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")).item()
-    loss, ratio_w, ratio_l = (sum(r[j] for r in group) / len(group) for j in range(3))
-    record = dict(loss=loss, ratio_win=ratio_w, ratio_lose=ratio_l, grad_norm=grad_norm,
-                  pairs=sum(r[3] for r in group))
-    if math.isfinite(grad_norm):  # the norm of the all-reduced gradients: the same on every rank
-        scaler.step(optimizer)
-    else:
-        record["skipped"] = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    group.clear()
-    return record
 
 
 def setup_models(cfg, scorer=None, world=1):
@@ -595,9 +489,6 @@ def train(cfg, scorer=None, rank=0, world=1):
         if ckpts:
             progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device, lora_params)
             group = [tuple(r) for r in progress.get("group", [])]
-            if "group" not in progress and cfg.grad_accum > 1 and main_rank:
-                print("note: this checkpoint predates accumulation groups that span prompt batches; the run goes on "
-                      "with them, so it will not equal an uninterrupted run of either version")
             if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
                 raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
             position, global_step = tuple(progress["position"]), progress["global_step"]
@@ -618,11 +509,10 @@ def train(cfg, scorer=None, rank=0, world=1):
     pixels = (cfg.resolution, cfg.resolution)
     uncond_1 = pipe.encode_negative(1, pixels)  # one row: the empty-prompt negative
     b, tb = cfg.sample_batch_size, cfg.train_batch_size
-    n_batches = math.ceil(len(rank_prompts(list(range(len(prompts))), 0, world)) / b)
-    unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
+    n_batches = math.ceil(math.ceil(len(prompts) / world) / b)  # ranks get equal shares (rank_prompts)
     if main_rank:
         print(f"{len(prompts)} prompts; per epoch {n_batches} batches of {b} prompts on each of {world} ranks; "
-              f"{cfg.epochs} epochs\nper prompt: {unet_calls} sampling UNet calls (CFG-batched), "
+              f"{cfg.epochs} epochs\nper prompt: {sampling_unet_calls(cfg)} sampling UNet calls (CFG-batched), "
               f"{cfg.k * len(pool_steps(cfg))} VAE decodes and preference scores, at most "
               f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")
 
@@ -651,8 +541,8 @@ def train(cfg, scorer=None, rank=0, world=1):
             for batch in tqdm(range(first_batch, n_batches), desc="batch", initial=first_batch, total=n_batches,
                               leave=False, disable=not main_rank):
                 if pending is not None:  # resuming in the middle of this batch
-                    pairs = {key: v for key, v in pending.items() if key != "perm"}
-                    perm, start, pending = pending["perm"], position[2], None
+                    pairs, start, pending = dict(pending), position[2], None
+                    perm = pairs.pop("perm")
                 else:
                     ######## SAMPLING ########
                     batch_prompts = my_prompts[batch * b:(batch + 1) * b]
@@ -673,7 +563,7 @@ def train(cfg, scorer=None, rank=0, world=1):
                     if stop_requested(stop):
                         stopped(checkpoint((epoch, batch, start), {**pairs, "perm": perm}))
                         return None
-                    micro = {k: v[mine[start:start + tb]] for k, v in pairs.items() if k not in NOT_PAIRS}
+                    micro = {k: v[mine[start:start + tb]] for k, v in pairs.items() if k != "scores"}
                     record = train_micro_batch(pipe, policy, unet, micro, uncond_1, lora_params, optimizer, scaler,
                                                autocast, cfg, world, group)
                     if record is None:  # the group goes on, into the next prompt batch if need be
@@ -691,15 +581,14 @@ def train(cfg, scorer=None, rank=0, world=1):
                     if bad_steps >= cfg.max_bad_steps:
                         raise TrainingAborted(f"{bad_steps} non-finite steps in a row (last at step {global_step}); "
                                               f"the last good checkpoint is kept in {out / 'checkpoints'}")
-                at_save_point = cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches
                 if stop_requested(stop):
                     stopped(checkpoint((epoch, batch + 1, 0)))
                     return None
-                if at_save_point:
+                if cfg.save_every and (batch + 1) % cfg.save_every == 0 and batch + 1 < n_batches:
                     checkpoint((epoch, batch + 1, 0))
             checkpoint((epoch + 1, 0, 0))
             if main_rank:
-                save_validation_grid(pipe, pipe.unet, cfg, out / "samples" / f"epoch-{epoch}.png")
+                save_validation_grid(pipe, cfg, out / "samples" / f"epoch-{epoch}.png")
     if main_rank:
         save_lora(pipe.unet, out / "pytorch_lora_weights.safetensors")
         print(f"LoRA written to {out / 'pytorch_lora_weights.safetensors'}")
@@ -800,8 +689,8 @@ def benchmark(cfg):
         print(f"{name:<28}{sec.get(name, 0):>10.4f}{sec.get(name, 0) / total:>8.1%}")
     print(f"{'total':<28}{total:>10.4f}")
     per_prompt = lambda name: timer.items.get(name, 0) / prompts_timed
-    unet_calls = cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
-    print(f"per prompt: {unet_calls} sampling UNet samples (CFG-batched), {per_prompt('VAE decode'):.0f} VAE decodes, "
+    print(f"per prompt: {sampling_unet_calls(cfg)} sampling UNet samples (CFG-batched), "
+          f"{per_prompt('VAE decode'):.0f} VAE decodes, "
           f"{per_prompt('preference model'):.0f} preference image and "
           f"{per_prompt('preference text'):.0f} text forwards, "
           f"{per_prompt('training (all)'):.1f} training pairs from {per_prompt('training parents'):.1f} parent latents "
@@ -814,12 +703,123 @@ def benchmark(cfg):
     return sec
 
 
-# Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
-RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "preference_model",
-                      "preference_processor", "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg",
-                      "divert_start_step", "k", "num_inner_step", "pool_at_last_step", "threshold", "beta", "eps", "lr",
-                      "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size", "train_batch_size", "grad_accum",
-                      "max_grad_norm", "precision", "preference_precision")
+# ----------------------------------------------------------------------------------------------
+# Command line: flags, their checks, and main.
+
+
+def parse_args(argv=None):
+    """Flags, then the --model preset, then the Config defaults: the first that gives a value wins."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    # --help shows each field's trailing comment in Config, so one line documents each setting
+    comments = dict(re.findall(r"^    (\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    for f in dataclasses.fields(Config):
+        default = f.default
+        comment = comments.get(f.name, "")
+        presets = "".join(f", {m}: {o[f.name]}" for m, o in PRESET_OVERRIDES.items() if f.name in o)
+        kw = dict(default=None, help=comment if default is None and "default" in comment else
+                  f"{comment} (default: {'none' if default is None else default}{presets})")
+        if f.type is bool:  # --compile / --no-compile; a None default leaves it to the device
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, tuple):
+            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", type=type(default[0]), **kw)
+        else:
+            typ = {int: int, float: finite_float}.get(f.type, str)
+            p.add_argument("--" + f.name.replace("_", "-"), type=typ, choices=CHOICES.get(f.name), **kw)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    model = args.get("model", Config.model)
+    preset = PRESETS[model]
+    from_preset = {"pretrained": preset["pretrained"], "vae": preset["vae"], "resolution": preset["resolution"],
+                   "preference_model": preset["spm_base"], "preference_processor": preset["spm_processor"],
+                   # plain PickScore has no time conditioning, so no SPM checkpoint applies to it
+                   "preference_checkpoint": preset["spm_checkpoint"] if args.get("preference") != "pickscore" else None,
+                   **PRESET_OVERRIDES[model]}
+    merged = {**from_preset, **args}
+    merged["device"] = merged.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = merged["device"].startswith("cuda")
+    merged.setdefault("precision", "fp16" if on_cuda else "fp32")  # bf16 autocast is slower than fp32 on CPUs
+    merged.setdefault("compile", on_cuda)  # compiling on CPU costs about a minute per graph
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+    check_text(cfg.validation_prompts, "--validation-prompts")
+    problems = validate(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg
+
+
+def validate(cfg):
+    """Every check that needs no model, so a typo costs a second, not an hour of sampling."""
+    checks = [
+        (cfg.k >= 2, f"--k must be at least 2 (a pool needs a winner and a loser), got {cfg.k}"),
+        (0 <= cfg.threshold < 1, f"--threshold must be in [0, 1), got {cfg.threshold}"),
+        (0 < cfg.eps < 1, f"--eps must be in (0, 1), got {cfg.eps}"),
+        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (0 <= cfg.divert_start_step < cfg.steps - (0 if cfg.pool_at_last_step else 1),
+         f"--divert-start-step must be in [0, --steps{'' if cfg.pool_at_last_step else ' - 1'}), got "
+         f"{cfg.divert_start_step} with --steps {cfg.steps}"
+         + ("" if cfg.pool_at_last_step else " (without --pool-at-last-step the last step cannot start a pool)")),
+        (cfg.num_inner_step >= 0, f"--num-inner-step must be >= 0, got {cfg.num_inner_step}"),
+        (0 < cfg.eta <= 1, f"--eta must be in (0, 1]: at 0 DDIM is deterministic and candidates cannot differ, above 1 "
+                           f"its variance formula breaks down, got {cfg.eta}"),
+        (cfg.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {cfg.steps}"),
+        (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
+        (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.lora_rank >= 1, f"--lora-rank must be >= 1, got {cfg.lora_rank}"),
+        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (all(0 <= s <= MAX_SEED for s in (cfg.seed, *cfg.validation_seeds)),
+         f"--seed and --validation-seeds must be in [0, {MAX_SEED}], got {cfg.seed}, {list(cfg.validation_seeds)}"),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
+        (cfg.save_every >= 0 and cfg.keep >= 0,
+         f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
+        (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
+        (cfg.resolution % 8 == 0 and cfg.resolution > 0,
+         f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
+        (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
+         f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
+        (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
+        (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
+        (not cfg.device.startswith("cuda") or torch.cuda.is_available(),
+         "--device cuda but no CUDA device is available"),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
+        if path and not Path(path).is_file():
+            problems.append(f"{flag}: no such file: {path}")
+    if cfg.benchmark:  # writes nothing
+        return problems
+    out = Path(cfg.out)
+    if problem := output_problem(cfg.out, "--out", is_file=False):
+        return problems + [problem]
+    if cfg.resume and not (out / "config.json").is_file():
+        problems.append(f"--resume: {out} holds no run to resume (no config.json)")
+    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            problems.append(f"--out {out} already holds files: "
+                            "pass --resume to continue that run or --overwrite to replace it")
+        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).resolve().is_relative_to(out.resolve())
+                                                            for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
+            problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
+                            "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
+    return problems
+
+
+def is_spo_run(folder):
+    """Whether `folder` is a run this script wrote: its config.json holds spo.py's settings (a model or SPM folder
+    has a config.json too)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"divert_start_step", "k", "beta", "eps", "threshold"} <= saved.keys()
+
+
+def load_prompts(cfg):
+    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
 
 
 def main(argv=None):
@@ -832,9 +832,12 @@ def main(argv=None):
         fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not any(out.iterdir()))
         if world > 1:
             dist.barrier()
-        benchmark(cfg) if cfg.benchmark else train(cfg, rank=rank, world=world)
-    except UserError as err:  # e.g. a checkpoint that fails once sampled: a run with no checkpoint yet goes, so
-        if fresh:  # that the same command can run again
+        if cfg.benchmark:
+            benchmark(cfg)
+        else:
+            train(cfg, rank=rank, world=world)
+    except UserError as err:
+        if fresh:  # e.g. a checkpoint that fails once sampled: no checkpoint yet, so remove the run for a rerun
             remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -111,9 +111,14 @@ def output_problem(path, flag, is_file):
             return f"{flag} {path} is a file, not a folder"
         # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
         where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
-        writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
-        if not writable or (path.is_file() and not os.access(path, os.W_OK)):
+        if not where.is_dir() or (path.is_file() and not os.access(path, os.W_OK)):
             return f"{flag} {path} cannot be written: {where} is not a writable folder"
+        try:  # a real write: os.access says yes to root on a read-only mount, or in /proc
+            fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            return f"{flag} {path} cannot be written: {where} is not a writable folder ({err.strerror or err})"
     except OSError as err:  # e.g. a folder we may not even look into
         return f"{flag} {path}: {err.strerror or err}"
     return None

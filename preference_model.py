@@ -881,6 +881,11 @@ EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
 PICKSCORE_LABELS = {"sdxl": 0.1, "tiny-sdxl": 0.1}
 
 
+def per_model(key):
+    """A training flag's defaults for --help: ' (default: sd15 8000, tiny 60, sdxl 7000, tiny-sdxl 60)'."""
+    return " (default: " + ", ".join(f"{m} {d[key]}" for m, d in TRAIN_DEFAULTS.items()) + ")"
+
+
 def load_image(path):
     """A PNG/JPEG file -> (1, 3, H, W) in [-1, 1], the range the decoder produces."""
     from PIL import Image
@@ -999,13 +1004,14 @@ def main(argv=None):
     evaluate.add_argument("--checkpoint", help="SPM weights (default: the preset's released SPM)")
     train.add_argument("--out", required=True, help="run folder: spm.safetensors, metrics.jsonl, checkpoints/")
     train.add_argument("--init-checkpoint", help="start from these SPM weights (default: PickScore + identity init)")
-    train.add_argument("--max-steps", type=int, help="optimizer steps (default: 8000)")
-    train.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps (default: 1000)")
-    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU (default: 1; "
-                       "pairs per update = batch size x this x GPUs)")
-    train.add_argument("--lr", type=finite_float, help="AdamW peak learning rate (default: 3e-6)")
-    train.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay (default: 0.3)")
-    train.add_argument("--warmup-steps", type=int, help="log-rate warmup steps, then linear decay (default: 500)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps" + per_model("max_steps"))
+    train.add_argument("--eval-every", type=int, help="evaluate and checkpoint every N steps" + per_model("eval_every"))
+    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, per GPU; pairs per update = "
+                       "batch size x this x GPUs" + per_model("grad_accum"))
+    train.add_argument("--lr", type=finite_float, help="AdamW peak learning rate" + per_model("lr"))
+    train.add_argument("--weight-decay", type=finite_float, help="AdamW weight decay" + per_model("weight_decay"))
+    train.add_argument("--warmup-steps", type=int,
+                       help="log-rate warmup steps, then linear decay" + per_model("warmup_steps"))
     train.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     fresh = False

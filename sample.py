@@ -474,7 +474,8 @@ def run(args):
         base_images, base_paths = render(pipe, jobs, args, lora_on, False, "-base", progress)
         save_compare_grid(args, jobs, base_images, images, Path(args.out) / "compare.png")
     progress.close()
-    print(f"{progress.total} images written to {args.out}" + (", with the grid compare.png" if both else ""))
+    print(f"{progress.total} image{'s' * (progress.total > 1)} written to {args.out}"
+          + (", with the grid compare.png" if both else ""))
     if scorers is None:
         return
 

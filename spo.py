@@ -62,7 +62,7 @@ class Config:
     preference_processor: str = None  # SPM's processor/tokenizer; default from the preset
     preference_checkpoint: str = None  # official SPM .bin or our .safetensors; default from the preset
     epochs: int = 10  # passes over the prompts
-    seed: int = 42
+    seed: int = 42  # the LoRA init, and every prompt order, noise and shuffle of the run (derived_seed)
     resolution: int = None  # pixels; default from the preset (512 for sd15)
     steps: int = 20  # DDIM steps
     eta: float = 1.0  # DDIM eta: 1 makes each step a Gaussian whose likelihood SPO can compare
@@ -747,7 +747,7 @@ def parse_args(argv=None):
 
 
 def validate(cfg):
-    """Every check that needs no model, so a typo costs a second, not an hour of sampling."""
+    """Every check that needs no model, so a typo costs seconds, not an hour of sampling."""
     checks = [
         (cfg.k >= 2, f"--k must be at least 2 (a pool needs a winner and a loser), got {cfg.k}"),
         (0 <= cfg.threshold < 1, f"--threshold must be in [0, 1), got {cfg.threshold}"),

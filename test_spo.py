@@ -707,6 +707,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--seed", "-1"], "--seed and --validation-seeds must be in [0, 4294967295]"),
     (["--validation-seeds", "0", str(2**64)], "--seed and --validation-seeds must be in [0, 4294967295]"),
     (["--out", ""], "--out is empty: name a folder"),  # with --overwrite it once emptied the current directory
+    (["--out", "/proc/spo-run"], "cannot be written: /proc is not a writable folder"),  # root passed os.access
 ]
 
 

@@ -64,6 +64,8 @@ def quiet_libraries():
 
     # diffusers' hub calls pass an argument huggingface_hub deprecated: its warning would be a second error line
     warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+    # torch 2.13 renames DDP's broadcast_buffers=False (no buffer sync each forward), which torch < 2.13 needs
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -241,6 +243,19 @@ def all_ranks_sum(values, world):
     t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def stop_together(problem, world):
+    """Raise on every rank if any rank met input it cannot use (`problem`: its UserError, or None), at a point all
+    ranks pass: a rank that failed alone would leave the others waiting in a collective for a peer that is gone, and
+    torchrun would report a dead peer instead of the bad row."""
+    if world > 1:
+        rank = torch.distributed.get_rank()
+        failed = all_ranks_sum([problem is not None and r == rank for r in range(world)], world)
+        if problem is None and any(failed):
+            raise UserError(f"rank {failed.index(1.0)} stopped at input it cannot use (its own error line says which)")
+    if problem is not None:
+        raise problem
 
 
 class StopSignal:

@@ -34,7 +34,7 @@ from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, Stop
                        all_ranks_sum, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
                        first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem, predict_noise,
                        quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file, setup_distributed,
-                       take, write_tiny_tokenizer)
+                       stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -559,6 +559,18 @@ def batches(rows, batch_size, device):
         yield list(captions), torch.stack(im0).to(device), torch.stack(im1).to(device), t(l0), t(l1), t(n)
 
 
+def in_lockstep(batches, world):
+    """The micro-batches of a training stream, with one all-reduce each so that a row only one rank reads (an
+    unreadable JPEG, bad labels) stops every rank before the same micro-batch (stop_together)."""
+    while True:
+        try:
+            batch, problem = next(batches), None
+        except UserError as err:
+            batch, problem = None, err
+        stop_together(problem, world)
+        yield batch
+
+
 # ----------------------------------------------------------------------------------------------
 # SPM training (paper section 4.1): both images of a pair are noised to one t with ONE shared noise, denoised
 # in one step to the frozen SD's x0-prediction, and the SPM learns to rank those at t as humans ranked the
@@ -643,7 +655,15 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
     pixels = (args.resolution, args.resolution)
     uncond = pipe.encode_negative(1, pixels) if pipe else None
     rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size, labeller=labeller)
-    for k, (captions, im0, im1, l0, l1, _) in enumerate(batches(rows, args.batch_size, device)):
+    problem = []
+
+    def share():  # this rank's batches; a row it cannot use ends them, and every rank stops before the sums below
+        try:
+            yield from batches(rows, args.batch_size, device)
+        except UserError as err:
+            problem.append(err)
+
+    for k, (captions, im0, im1, l0, l1, _) in enumerate(share()):
         counted = (l0 != 0.5) if labeller else torch.ones_like(l0, dtype=torch.bool)
         b = k * world + rank  # the batch's index in the whole validation set
         ids = model.tokenize(captions)
@@ -656,6 +676,7 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
                 s0, s1 = pair_scores(model, x0, x1, ids, tt)
             correct[t] += ((s0 > s1) * l0 + (s0 < s1) * l1)[counted].sum().item()
         count += int(counted.sum())
+    stop_together(problem[0] if problem else None, world)
     *sums, count = all_ranks_sum([*correct.values(), count], world)  # halves and wholes: exact
     correct, count = dict(zip(correct, sums)), int(count)
     if count == 0:
@@ -786,7 +807,7 @@ def train_command(args, rank=0, world=1):
     # Each rank's share of one endless shuffled stream (epochs repeat): no rank ever runs out before another.
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
                      rank=rank, world=world, labeller=labeller)
-    data = batches(rows, args.batch_size, device)
+    data = in_lockstep(batches(rows, args.batch_size, device), world)
     bad_steps = 0
     with StopSignal() as stop:
         if step == 0:
@@ -1028,7 +1049,10 @@ def main(argv=None):
             created, fresh = not out.exists(), not args.resume and rank == 0
         if world > 1:
             dist.barrier()
-        train_command(args, rank, world) if args.command == "train" else eval_command(args, rank, world)
+        if args.command == "train":
+            train_command(args, rank, world)
+        else:
+            eval_command(args, rank, world)
     except UserError as err:  # bad data can show only once it is read: a fresh run that never reached a checkpoint
         if fresh:  # goes, so the same command can run again
             remove_unstarted_run(out, created)

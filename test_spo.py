@@ -2620,6 +2620,47 @@ def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, si
     assert (out / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()
 
 
+SPM_BAD_ROW_ON_RANK_1 = """
+import sys
+sys.path.insert(0, {project!r})
+import torch
+torch.set_num_threads(1)
+import preference_model as pm
+real_read_rows = pm.read_rows
+
+
+def read_rows(units, *args, rank=0, seed=None, **kwargs):  # rank 1 alone meets a bad row, in its second micro-batch
+    for i, row in enumerate(real_read_rows(units, *args, rank=rank, seed=seed, **kwargs)):
+        if rank == 1 and i == 5 and (seed is None) == {in_validation!r}:
+            raise pm.UserError("shard.parquet, row 7: labels (0.7, 0.3) must each be 0, 0.5 or 1")
+        yield row
+
+
+pm.read_rows = read_rows
+sys.exit(pm.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("in_validation", [False, True], ids=["training row", "validation row"])
+def test_a_bad_row_on_another_rank_stops_every_rank_with_one_line_and_leaves_nothing(ddp_flags, tmp_path,
+                                                                                     in_validation):
+    """The rank that reads the row says which it is; the others, instead of waiting in a collective for a peer
+    that is gone (torchrun then reports a dead peer), stop at the same micro-batch and say which rank stopped."""
+    script = tmp_path / "bad_row.py"
+    script.write_text(SPM_BAD_ROW_ON_RANK_1.format(project=str(Path(__file__).resolve().parent),
+                                                   in_validation=in_validation))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *ddp_flags, "--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: shard.parquet, row 7: labels (0.7, 0.3) must each be 0, 0.5 or 1" in printed, printed[-3000:]
+    assert "error: rank 1 stopped at input it cannot use" in printed, printed[-3000:]
+    assert printed.count("Traceback") == printed.count("raise ChildFailedError") == 1, "only torchrun's own"
+    assert not out.exists(), "a fresh run that stopped before its first checkpoint leaves nothing"
+
+
 # ---- performance: full-size architectures without downloads, and the benchmark mode ----
 
 

@@ -644,8 +644,8 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         # LoRA weights stay fp32 while the base may be fp16/bf16. Under autocast the branch computes in the half
-        # dtype (standard AMP; its fp32 input would double the activations saved for backward); the official
-        # runs use no autocast and compute it in fp32 (peft), the sum being half precision either way.
+        # dtype (standard AMP, as the official run's accelerate autocast does; an fp32 input would double the
+        # activations saved for backward).
         w = self.lora.down.weight
         return y + (self.lora.up(self.lora.down(x.to(w.dtype))) * self.scale).to(y.dtype)
 
@@ -947,6 +947,22 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final):
+    """`with atomic_folder(final) as tmp:` fill tmp, which then replaces `final`: a crash never leaves a half folder
+    there (a checkpoint that --resume would pick, a pipeline that half loads)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")  # hidden from the globs that list checkpoints
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_safetensors(path):

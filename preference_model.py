@@ -31,59 +31,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
-                       all_ranks_sum, atomic_write, build_once, cannot_load, check_text, ddim_step, finite_float,
-                       first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem, predict_noise,
-                       quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file, setup_distributed,
-                       stop_together, take, write_tiny_tokenizer)
+                       all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
+                       finite_float, first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem,
+                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file,
+                       setup_distributed, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
 PREFERENCE_FLAGS = ("--preference-model", "--preference-processor", "--preference-checkpoint")  # in spo/sample
-
-# ----------------------------------------------------------------------------------------------
-# The tiny offline SPM: same code path as the real one, only smaller, built once with no downloads.
-
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image settings of every CLIP processor here
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def write_image_processor_settings(folder, size, mean, std):
-    """An ordinary preprocessor_config.json. The SPM only reads size and mean/std from it (see preprocess)."""
-    settings = dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": size},
-                    crop_size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std),
-                    do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, resample=3)
-    Path(folder, "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
-
-
-def build_tiny_spm(folder):
-    """A seeded tiny CLIP saved as a transformers model folder plus a processor folder (tokenizer + settings),
-    and a "trained" SPM checkpoint whose time conditioning is random, so tiny runs really depend on t."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(Path(folder) / "processor", pad_token="!")  # as the laion CLIP-H one pads
-    write_image_processor_settings(Path(folder) / "processor", 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 hidden_act="quick_gelu")
-    config = CLIPConfig(
-        text_config=dict(**tower, vocab_size=len(tokenizer), max_position_embeddings=16,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(**tower, image_size=32, patch_size=4), projection_dim=16)
-    clip = CLIPModel(config)
-    clip.save_pretrained(Path(folder) / "model")
-    spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
-        for name, p in spm.named_parameters():
-            if "adaLN_modulation" in name or "t_embedder" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    save_checkpoint(spm, Path(folder) / "spm.safetensors")
-
-
-def tiny_spm_paths():
-    """(base, processor, checkpoint) of the tiny SPM, built on first use."""
-    folder = build_once("tiny-spm-v2", build_tiny_spm)
-    return str(folder / "model"), str(folder / "processor"), str(folder / "spm.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,9 +101,10 @@ def modulate(x, shift, scale):
 
 
 def in_own_dtype(model, device, dtype):
-    """The preference model on device, its two towers' weights in dtype. The rest stays fp32 whatever dtype: the
-    SPM's timestep embedding (in bf16, t = 951 and 952 would share one sinusoid input), logit_scale (it is
-    exponentiated: bf16 would shrink PickScore's 100 by 1.1%) and the pixel mean/std."""
+    """The preference model on device, its two towers and projections in dtype (the image tower's adaLN
+    modulations included). The rest stays fp32 whatever dtype: the SPM's timestep embedding (TimestepEmbedder
+    says why), logit_scale (it is exponentiated: bf16 would shrink PickScore's 100 by 1.1%) and the pixel
+    mean/std."""
     model.to(device=device, dtype=torch.float32)
     clip = model.model
     for tower in (clip.text_model, clip.vision_model, clip.text_projection, clip.visual_projection):
@@ -282,7 +240,9 @@ class StepAwarePreferenceModel(PickScoreModel):
         init_time_conditioning(clip)  # overwritten when a checkpoint is loaded
 
     def image_features(self, pixels, timesteps):
-        # We drive CLIP's vision layers ourselves, so that each one is modulated by t (DiT's adaLN-Zero block).
+        # We drive CLIP's vision layers ourselves, so that each one is modulated by t: DiT's adaLN block (shift and
+        # scale before attention and MLP, a gate on each residual), whose gates start at 1, not at 0 as in
+        # adaLN-Zero, so that an untrained SPM is PickScore (init_time_conditioning).
         vision = self.model.vision_model
         t_emb = self.model.t_embedder(timesteps).to(vision.dtype)  # (b, D), computed in fp32
         h = vision.pre_layrnorm(vision.embeddings(pixels.to(vision.dtype)))  # (b, 1 + patches, D)
@@ -343,13 +303,11 @@ class PickScoreOnImages:
     def __call__(self, images, prompts):
         """PIL images, and one prompt for all of them or one each -> (b,) scores."""
         clip, tok, device = self.model.model, self.model.tokenizer, self.model.device
+        # their tokenizer call (padding to the longest, with the attention mask), not our fixed-length one
         text = tok(list(prompts), padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
         text_features = clip.text_projection(clip.text_model(**text.to(device)).pooler_output)  # (1 or b, proj)
         pixels = self.processor(images=images, return_tensors="pt").pixel_values.to(device)  # (b, 3, S, S)
-        image_features = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)  # (b, proj)
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-        return clip.logit_scale.exp() * (image_features * text_features).sum(dim=-1)
+        return self.model.score_pixels(pixels, None, text_features)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +356,48 @@ def save_checkpoint(model, path):
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny offline SPM: same code path as the real one, only smaller, built once with no downloads.
+
+def write_image_processor_settings(folder, size, mean, std):
+    """An ordinary preprocessor_config.json. The SPM only reads size and mean/std from it (see preprocess)."""
+    settings = dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": size},
+                    crop_size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std),
+                    do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, resample=3)
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def build_tiny_spm(folder):
+    """A seeded tiny CLIP saved as a transformers model folder plus a processor folder (tokenizer + settings),
+    and a "trained" SPM checkpoint whose time conditioning is random, so tiny runs really depend on t."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = write_tiny_tokenizer(Path(folder) / "processor", pad_token="!")  # as the laion CLIP-H one pads
+    write_image_processor_settings(Path(folder) / "processor", 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 hidden_act="quick_gelu")
+    config = CLIPConfig(
+        text_config=dict(**tower, vocab_size=len(tokenizer), max_position_embeddings=16,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(**tower, image_size=32, patch_size=4), projection_dim=16)
+    clip = CLIPModel(config)
+    clip.save_pretrained(Path(folder) / "model")
+    spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
+        for name, p in spm.named_parameters():
+            if "adaLN_modulation" in name or "t_embedder" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(spm, Path(folder) / "spm.safetensors")
+
+
+def tiny_spm_paths():
+    """(base, processor, checkpoint) of the tiny SPM, built on first use."""
+    folder = build_once("tiny-spm-v2", build_tiny_spm)
+    return str(folder / "model"), str(folder / "processor"), str(folder / "spm.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +474,8 @@ def resize_crop(image, resolution):
     return pil_to_tensor(image.crop((left, top, left + resolution, top + resolution)))
 
 
-def check_labels(row, where):
+def check_row(row, where):
+    """A Pick-a-Pic row's labels, caption and prompt count, or a one-line error naming the row."""
     labels = (row["label_0"], row["label_1"])
     if any(v not in (0, 0.5, 1) for v in labels):  # None and NaN fail here too
         raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must each be 0, 0.5 or 1")
@@ -523,7 +524,7 @@ def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world
                     continue
                 row = {c: columns[c][i] for c in COLUMNS}
                 where = f"{path}, row {first + i}"
-                check_labels(row, where)
+                check_row(row, where)
                 image_0, image_1 = (open_image(row[c], f"{where}, {c}") for c in ("jpg_0", "jpg_1"))
                 labels = labeller(row["caption"], image_0, image_1) if labeller else (row["label_0"], row["label_1"])
                 yield (row["caption"], resize_crop(image_0, resolution), resize_crop(image_1, resolution),
@@ -544,7 +545,7 @@ def pickscore_labeller(pickscore, threshold):
 
 
 def make_labeller(args, device):
-    """PickScore (the preset's PickScore_v1 and processor) as the labeller, if --pickscore-labels asks for it."""
+    """PickScore (--base and --processor, by default the preset's) as the labeller, if --pickscore-labels asks."""
     if args.pickscore_labels is None:
         return None
     return pickscore_labeller(PickScoreOnImages(args.base, args.processor, device), args.pickscore_labels)
@@ -588,12 +589,13 @@ def denoised_pair(pipe, images_0, images_1, cond, uncond_1, t, generator, cfg_sc
     """The decoded one-step x0-predictions of both images at t (b,): what SPO's sampler shows the SPM.
     cond: the captions' conditioning (b rows), uncond_1: the negative one (1 row)."""
     latents = encode_images(pipe, torch.cat([images_0, images_1]), generator)  # (2b, c, h, w)
+    tt = t.repeat(2)  # (2b,): both images of a pair at one t
     noise = torch.randn(latents[:len(t)].shape, generator=generator, device=latents.device).repeat(2, 1, 1, 1)
-    a = pipe.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # the forward process q(x_t | x_0)
+    a = pipe.alphas_cumprod[tt].view(-1, 1, 1, 1)  # (2b, 1, 1, 1)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # the forward process q(x_t | x_0), one noise per pair
     rows = torch.arange(len(t)).repeat(2)  # both images of pair p see caption p
-    eps = predict_noise(pipe.unet, x_t, torch.cat([t, t]), take(cond, rows), take(uncond_1, rows * 0), cfg_scale)
-    x0 = ddim_step(eps, torch.cat([t, t]), x_t, pipe.alphas_cumprod, 1, 0.0, pipe.prediction_type)[0]
+    eps = predict_noise(pipe.unet, x_t, tt, take(cond, rows), take(uncond_1, torch.zeros_like(rows)), cfg_scale)
+    x0 = ddim_step(eps, tt, x_t, pipe.alphas_cumprod, 1, 0.0, pipe.prediction_type)[0]  # only x0: eta, step moot
     return pipe.decode(x0).chunk(2)
 
 
@@ -607,7 +609,7 @@ def training_pixels(model, images):
 
 
 def pair_scores(model, images_0, images_1, input_ids, t):
-    """(b,) scores of both images against their captions at t, in one SPM image pass."""
+    """(scores_0, scores_1), each (b,): both images against their captions at t, in one SPM image pass."""
     text_features = model.encode_text(input_ids).repeat(2, 1)
     pixels = training_pixels(model, torch.cat([images_0, images_1]))
     return model.score_pixels(pixels, torch.cat([t, t]), text_features).chunk(2)
@@ -626,8 +628,9 @@ class PairScores(nn.Module):
 
 def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
     """PickScore's loss (Kirstain et al. 2023), as the SPM is trained: cross-entropy of softmax([s_0, s_1])
-    against the human labels, plus log(0.5) on ties so that a perfect tie costs 0 instead of log 2. Each
-    pair is weighted by 1 / (pairs of its prompt), normalised over the batch: busy prompts do not dominate."""
+    against the labels (human, or PickScore's with --pickscore-labels), plus log(0.5) on ties so that a perfect
+    tie costs 0 instead of log 2. Each pair is weighted by 1 / (pairs of its prompt), normalised over the batch:
+    busy prompts do not dominate."""
     log_p = torch.stack([scores_0, scores_1], dim=-1).float().log_softmax(dim=-1)  # (b, 2)
     loss = -(label_0 * log_p[:, 0] + label_1 * log_p[:, 1]) + (label_0 == label_1) * math.log(0.5)
     weight = (1 / num_per_prompt) / (1 / num_per_prompt).sum()
@@ -691,7 +694,7 @@ def print_accuracy(accuracy, count, title):
 
 
 def precision_setup(args, world=1):
-    """Frozen SD weights in the run's dtype; SPM weights stay fp32 under autocast (nanoGPT style). Under torchrun
+    """(device, dtype of the frozen SD weights, autocast for the fp32 SPM weights, nanoGPT style). Under torchrun
     each rank takes the GPU of its LOCAL_RANK."""
     device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
@@ -705,14 +708,10 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
     """checkpoints/step-N/: the SPM (official key layout), AdamW and GradScaler state, progress. Written under a
     temporary name and renamed; only the newest is kept, as CLIP-H weights plus AdamW state take ~12 GB."""
     final = out / "checkpoints" / f"step-{progress['step']}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_checkpoint(model, tmp / "spm.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "progress.json").write_text(json.dumps(progress))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:
+        save_checkpoint(model, tmp / "spm.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps(progress))
     for old in (out / "checkpoints").glob("step-*"):
         if old != final:
             shutil.rmtree(old)
@@ -935,15 +934,15 @@ def score_command(args):
 
 
 def fill_defaults(args):
-    """Flags, then the --model preset: the first that gives a value wins. Returns the problems found without
-    loading any model, so a typo costs a second and writes nothing."""
+    """For train and eval: flags, then the --model preset, the first that gives a value wins; then every check
+    that needs no model, all problems in one UserError, so a typo costs seconds and writes nothing."""
     preset = PRESETS[args.model]
-    if getattr(args, "pickscore_labels", None) is ...:  # not given: the preset's
+    if args.pickscore_labels is ...:  # not given: the preset's
         args.pickscore_labels = PICKSCORE_LABELS.get(args.model)
     for key, value in dict(pretrained=preset["pretrained"], vae=preset["vae"], resolution=preset["resolution"],
                            base=preset["spm_base"], processor=preset["spm_processor"],
                            **TRAIN_DEFAULTS[args.model] if args.command == "train" else {}).items():
-        if getattr(args, key, "absent") is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
     if args.command == "eval" and args.checkpoint is None and args.kind == "spm":
         args.checkpoint = preset["spm_checkpoint"]
@@ -959,7 +958,7 @@ def fill_defaults(args):
         problems.append(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if not 0 <= args.seed <= MAX_SEED:
         problems.append(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
-    if args.command != "score" and args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
+    if args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
         problems.append(f"--pickscore-labels must be in [0, 1) or none, got {args.pickscore_labels}")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         problems.append(f"--device must be cpu or cuda[:N], got {args.device}")

@@ -17,24 +17,20 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import re
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_write, cannot_load,
-                       captioned_grid, check_text, ddim_sample, finite_float, lora_disabled, lora_merged, lora_modules,
-                       offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file, read_prompts,
-                       save_lora_webui, save_png, to_pil)
-from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model
+from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
+                       cannot_load, captioned_grid, check_text, ddim_sample, finite_float, lora_disabled, lora_merged,
+                       lora_modules, offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file,
+                       read_prompts, save_lora_webui, save_png, to_pil)
+from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
 # ----------------------------------------------------------------------------------------------
 # Defaults per preset, as the released models' example usage (resolution and VAE come from PRESETS).
@@ -340,9 +336,8 @@ class Scorers:
         """PIL images of one prompt -> {"pickscore": [...], "spm": [...]}."""
         pickscore = self.pickscore(images, [prompt])
         # The SPM sees the saved pixels, so `python preference_model.py score` on the PNG gives the same number.
-        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8
-        x = x.float() / 127.5 - 1
-        spm = self.spm.score(x, self.spm.tokenize([prompt] * len(images)), 0)
+        x = torch.stack([pil_to_tensor(im) for im in images])  # (b, 3, H, W) in [-1, 1]
+        spm = self.spm.score(x, None, 0, text_features=self.spm.encode_text(self.spm.tokenize([prompt])))
         return {"pickscore": pickscore.tolist(), "spm": spm.tolist()}
 
 
@@ -391,15 +386,8 @@ def diffusers_pipeline(pipe, scheduler):
 def save_merged_pipeline(pipe, modules, scale, folder, scheduler):
     """A complete diffusers pipeline folder with the LoRA merged into the UNet (what the released merged SPO
     checkpoints are): written under a temporary name and renamed, so the folder is whole or absent."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        with lora_merged(pipe.unet, modules, scale):
-            diffusers_pipeline(pipe, scheduler).save_pretrained(tmp)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(folder) as tmp, lora_merged(pipe.unet, modules, scale):
+        diffusers_pipeline(pipe, scheduler).save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +440,8 @@ def run(args):
     scheduler = sampling_scheduler(args, pipe)
     args.sampler_name = "DDIM" if scheduler is None else type(scheduler).__name__  # e.g. PNDMScheduler, in each PNG
     if args.benchmark:
-        return benchmark(args, pipe)
+        benchmark(args, pipe)
+        return
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
     scorers = Scorers(args) if args.score or args.eval else None
     # Everything is loaded and checked: from here on, bad input can no longer leave partial output.
@@ -460,11 +449,12 @@ def run(args):
         save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
     if args.save_merged:
-        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged, sampling_scheduler(args, pipe))
+        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged, scheduler)
         print(f"merged pipeline written to {args.save_merged}")
     if not args.prompt_list:
         return
 
+    # after the exports: applying the LoRA wraps the UNet's layers, which lora_merged and the webui export read plain
     lora_on = lora_switch(pipe.unet, modules, args.lora_scale, args.merge)
     jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt_list) for k in range(args.n)]
     both = args.compare or args.eval  # base and LoRA images, from the same noise

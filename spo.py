@@ -37,10 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
-                       UserError, all_ranks_sum, atomic_write, check_text, ddim_log_prob, ddim_sample, ddim_step,
-                       ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state, load_safetensors,
-                       lora_disabled, output_problem, predict_noise, read_json, read_metrics, read_prompts,
-                       remove_unstarted_run, save_grid, save_lora, setup_distributed, take)
+                       UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
+                       ddim_step, ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state,
+                       load_safetensors, lora_disabled, output_problem, predict_noise, read_json, read_metrics,
+                       read_prompts, remove_unstarted_run, save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def make_score_fn(scorer, prompts, k):
     """Bind the batch's prompts to the preference model. Prompts go through the preference model's own
     tokenizer, and their text features are computed once, not once per candidate and step. The judge runs in
     its own dtype (fp32 as the official code, or --preference-precision), outside the run's autocast (the
-    official LoRA runs use no autocast)."""
+    official code autocasts only the UNet's forward)."""
     input_ids = scorer.tokenize(prompts)
     with torch.autocast(input_ids.device.type, enabled=False):
         text = scorer.encode_text(input_ids).repeat(k, 1)  # (b, d) -> (k * b, d), sample-major
@@ -373,7 +373,7 @@ def exchange_pairs(pairs, world):
 
 
 def checkpoint_dirs(out):
-    return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
+    return sorted((out / "checkpoints").glob("epoch-*"))  # atomic_folder's unfinished ones start with "."
 
 
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0, grads=None):
@@ -384,18 +384,15 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
     from safetensors.torch import save_file
 
     final = out / "checkpoints" / "epoch-{:04d}_batch-{:06d}_pair-{:05d}".format(*progress["position"])
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(unet, tmp / "pytorch_lora_weights.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-    if pending is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in pending.items()}, tmp / "pending_pairs.safetensors")
-    if grads:
-        save_file({str(i): g.detach().cpu().contiguous() for i, g in enumerate(grads)}, tmp / "group_grads.safetensors")
-    (tmp / "progress.json").write_text(json.dumps(progress))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:
+        save_lora(unet, tmp / "pytorch_lora_weights.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        if pending is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in pending.items()}, tmp / "pending_pairs.safetensors")
+        if grads:
+            save_file({str(i): g.detach().cpu().contiguous() for i, g in enumerate(grads)},
+                      tmp / "group_grads.safetensors")
+        (tmp / "progress.json").write_text(json.dumps(progress))
     for old in checkpoint_dirs(out)[:-keep] if keep else []:
         shutil.rmtree(old)
     return final

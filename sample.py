@@ -46,124 +46,6 @@ GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row eac
 LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
 
 
-def parse_args(argv=None):
-    """Flags, then the --model preset's defaults; every check that needs no model runs here."""
-    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=f"The paper's evaluation protocol (DDIM, 20 steps, guidance 5.0) is: {PAPER_EVAL}.")
-    per_preset = lambda key: ", ".join(f"{m} {SAMPLING[m][key]}" for m in SAMPLING)
-    sizes = ", ".join(f"{m} {PRESETS[m]['resolution']}" for m in SAMPLING)
-    add = p.add_argument
-    add("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
-    add("--prompts", help="a file of prompts: one a line, or a JSON list of strings or of {\"caption\": ...}")
-    add("--model", choices=list(SAMPLING), default="sd15", help="preset: base model and defaults (sd15)")
-    add("--pretrained", help="hub id or diffusers folder, e.g. a merged SPO checkpoint (default: the preset's)")
-    add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
-    add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
-                       "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
-    add("--lora-scale", type=finite_float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
-    add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
-    add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
-    add("--n", type=int, default=1, help="images per prompt (1)")
-    add("--scheduler", choices=["ddim", "checkpoint"], default="ddim",
-        help="ddim: this project's DDIM, the sampler SPO trains with; checkpoint: the model folder's own scheduler "
-             "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (ddim)")
-    add("--steps", type=int, help=f"sampling steps ({per_preset('steps')})")
-    add("--cfg", type=finite_float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
-    add("--eta", type=finite_float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
-    add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
-    add("--width", type=int, help=f"pixels, a multiple of 8 ({sizes})")
-    add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
-    add("--batch-size", type=int, default=4, help="images per UNet call (4)")
-    add("--out", default="out", help="a .png file for a single image, else a folder (out)")
-    add("--compare", action="store_true",
-        help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
-    add("--score", action="store_true", help="print each image's PickScore and step-aware score at t=0")
-    add("--eval", metavar="PROMPTS_FILE", help="base vs LoRA on these prompts x --n seeds: mean scores, LoRA win "
-                                               "rate with a 95%% interval; eval.json and the grid go to --out")
-    add("--save-merged", metavar="DIR", help="write a diffusers pipeline folder with the LoRA merged into its "
-                                             "UNet (weights in --precision, the --scheduler)")
-    add("--export-webui", metavar="FILE", help="write the LoRA in the webui/kohya layout (with .alpha)")
-    add("--preference-model", help="CLIP of PickScore and the SPM: hub id or folder (default: the preset's)")
-    add("--preference-processor", help="PickScore's processor: hub id or folder (default: the preset's)")
-    add("--preference-checkpoint", help="SPM weights: a file or owner/repo/filename (default: the preset's)")
-    add("--random-init", action="store_true", help="the preset's architecture with random weights (no download)")
-    add("--benchmark", type=int, default=0, metavar="N", help="images per second and peak memory of this sampler "
-                                                              "and of diffusers' pipeline, N timed batches; no files")
-    add("--device", help="cpu or cuda[:N] (default: cuda if available)")
-    add("--precision", choices=list(DTYPES), help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.model]
-    args.pretrained = args.pretrained or preset["pretrained"]
-    args.vae = args.vae or preset["vae"]
-    args.steps = SAMPLING[args.model]["steps"] if args.steps is None else args.steps
-    args.cfg = SAMPLING[args.model]["cfg"] if args.cfg is None else args.cfg
-    args.height = args.height or preset["resolution"]
-    args.width = args.width or preset["resolution"]
-    args.preference_model = args.preference_model or preset["spm_base"]
-    args.preference_processor = args.preference_processor or preset["spm_processor"]
-    args.preference_checkpoint = args.preference_checkpoint or preset["spm_checkpoint"]
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
-    args.prompt_list = prompt_list(args)
-    check_text(args.prompt, "--prompt")
-    check_text([args.negative_prompt], "--negative-prompt")
-    problems = validate(args)
-    if problems:
-        raise UserError("; ".join(problems))
-    return args
-
-
-def prompt_list(args):
-    """--prompt flags and the --prompts file, or the --eval file alone."""
-    if args.eval:
-        return read_prompts(args.eval, "--eval")
-    return list(args.prompt) + (read_prompts(args.prompts, "--prompts") if args.prompts else [])
-
-
-def validate(args):
-    """Every check that needs no model, so that a typo costs a second and writes nothing."""
-    exporting, both = args.save_merged or args.export_webui, args.compare or args.eval
-    images = len(args.prompt_list) * args.n * (2 if both else 1)
-    checks = [
-        (args.n >= 1, f"--n must be >= 1, got {args.n}"),
-        (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-        # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images); more steps than training steps repeat t = 1
-        (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
-        (args.scheduler == "ddim" or args.eta == 0, "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
-        (args.scheduler == "ddim" or not args.random_init,
-         "--scheduler checkpoint needs a checkpoint's scheduler: --random-init has none"),
-        (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
-        (args.precision == "fp32" or not (args.merge or args.save_merged),
-         "--merge and --save-merged need --precision fp32: "
-         "merged into fp16/bf16 weights, small LoRA updates round away"),
-        (not args.export_webui or args.export_webui.endswith(".safetensors"),
-         f"--export-webui must name a .safetensors file, got {args.export_webui}"),
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
-        (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
-        (args.prompt_list or exporting or args.benchmark,
-         "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
-        (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
-        (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
-        (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
-        (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),
-        (not args.out.endswith(".png") or images <= 1,
-         f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
-        (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
-        (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
-        (not args.export_webui or not Path(args.export_webui).exists(), f"--export-webui {args.export_webui} exists"),
-        (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
-                                                         f"torch's generator seeds, got {args.seed}"),
-        (args.device == "cpu" or args.device.startswith("cuda"),
-         f"--device must be cpu or cuda[:N], got {args.device}"),
-        (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
-    ]
-    outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
-               (args.save_merged, "--save-merged", False)]
-    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs if path is not None
-                                                     and (msg := output_problem(path, flag, is_file))]
-
-
 # ----------------------------------------------------------------------------------------------
 # The LoRA: found, read in any layout, checked against the UNet before anything is written.
 
@@ -493,6 +375,127 @@ def write_eval(args, jobs, base_scores, lora_scores, base_paths, lora_paths):
         print(f"{name}: mean base {m['base_mean']:.4f}, LoRA {m['lora_mean']:.4f}; LoRA wins "
               f"{100 * m['lora_win_rate']:.1f}% of {m['pairs']} pairs (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
     print(f"eval written to {Path(args.out) / 'eval.json'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: flags, their checks, and main.
+
+def parse_args(argv=None):
+    """Flags, then the --model preset's defaults; every check that needs no model runs here."""
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"The paper's evaluation protocol (DDIM, 20 steps, guidance 5.0) is: {PAPER_EVAL}.")
+    per_preset = lambda key: ", ".join(f"{m} {SAMPLING[m][key]}" for m in SAMPLING)
+    sizes = ", ".join(f"{m} {PRESETS[m]['resolution']}" for m in SAMPLING)
+    add = p.add_argument
+    add("--prompt", action="append", default=[], help="a prompt; repeat the flag for several")
+    add("--prompts", help="a file of prompts: one a line, or a JSON list of strings or of {\"caption\": ...}")
+    add("--model", choices=list(SAMPLING), default="sd15", help="preset: base model and defaults (sd15)")
+    add("--pretrained", help="hub id or diffusers folder, e.g. a merged SPO checkpoint (default: the preset's)")
+    add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
+    add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
+                       "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
+    add("--lora-scale", type=finite_float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
+    add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
+    add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
+    add("--n", type=int, default=1, help="images per prompt (1)")
+    add("--scheduler", choices=["ddim", "checkpoint"], default="ddim",
+        help="ddim: this project's DDIM, the sampler SPO trains with; checkpoint: the model folder's own scheduler "
+             "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (ddim)")
+    add("--steps", type=int, help=f"sampling steps ({per_preset('steps')})")
+    add("--cfg", type=finite_float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
+    add("--eta", type=finite_float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
+    add("--height", type=int, help=f"pixels, a multiple of 8 ({sizes})")
+    add("--width", type=int, help=f"pixels, a multiple of 8 ({sizes})")
+    add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
+    add("--batch-size", type=int, default=4, help="images per UNet call (4)")
+    add("--out", default="out", help="a .png file for a single image, else a folder (out)")
+    add("--compare", action="store_true",
+        help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
+    add("--score", action="store_true", help="print each image's PickScore and step-aware score at t=0")
+    add("--eval", metavar="PROMPTS_FILE", help="base vs LoRA on these prompts x --n seeds: mean scores, LoRA win "
+                                               "rate with a 95%% interval; eval.json and the grid go to --out")
+    add("--save-merged", metavar="DIR", help="write a diffusers pipeline folder with the LoRA merged into its "
+                                             "UNet (weights in --precision, the --scheduler)")
+    add("--export-webui", metavar="FILE", help="write the LoRA in the webui/kohya layout (with .alpha)")
+    add("--preference-model", help="CLIP of PickScore and the SPM: hub id or folder (default: the preset's)")
+    add("--preference-processor", help="PickScore's processor: hub id or folder (default: the preset's)")
+    add("--preference-checkpoint", help="SPM weights: a file or owner/repo/filename (default: the preset's)")
+    add("--random-init", action="store_true", help="the preset's architecture with random weights (no download)")
+    add("--benchmark", type=int, default=0, metavar="N", help="images per second and peak memory of this sampler "
+                                                              "and of diffusers' pipeline, N timed batches; no files")
+    add("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    add("--precision", choices=list(DTYPES), help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.model]
+    args.pretrained = args.pretrained or preset["pretrained"]
+    args.vae = args.vae or preset["vae"]
+    args.steps = SAMPLING[args.model]["steps"] if args.steps is None else args.steps
+    args.cfg = SAMPLING[args.model]["cfg"] if args.cfg is None else args.cfg
+    args.height = args.height or preset["resolution"]
+    args.width = args.width or preset["resolution"]
+    args.preference_model = args.preference_model or preset["spm_base"]
+    args.preference_processor = args.preference_processor or preset["spm_processor"]
+    args.preference_checkpoint = args.preference_checkpoint or preset["spm_checkpoint"]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    args.prompt_list = prompt_list(args)
+    check_text(args.prompt, "--prompt")
+    check_text([args.negative_prompt], "--negative-prompt")
+    problems = validate(args)
+    if problems:
+        raise UserError("; ".join(problems))
+    return args
+
+
+def prompt_list(args):
+    """--prompt flags and the --prompts file, or the --eval file alone."""
+    if args.eval:
+        return read_prompts(args.eval, "--eval")
+    return list(args.prompt) + (read_prompts(args.prompts, "--prompts") if args.prompts else [])
+
+
+def validate(args):
+    """Every check that needs no model, so that a typo costs a second and writes nothing."""
+    exporting, both = args.save_merged or args.export_webui, args.compare or args.eval
+    images = len(args.prompt_list) * args.n * (2 if both else 1)
+    checks = [
+        (args.n >= 1, f"--n must be >= 1, got {args.n}"),
+        (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+        # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images); more steps than training steps repeat t = 1
+        (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
+        (args.scheduler == "ddim" or args.eta == 0, "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
+        (args.scheduler == "ddim" or not args.random_init,
+         "--scheduler checkpoint needs a checkpoint's scheduler: --random-init has none"),
+        (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
+        (args.precision == "fp32" or not (args.merge or args.save_merged),
+         "--merge and --save-merged need --precision fp32: "
+         "merged into fp16/bf16 weights, small LoRA updates round away"),
+        (not args.export_webui or args.export_webui.endswith(".safetensors"),
+         f"--export-webui must name a .safetensors file, got {args.export_webui}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
+        (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
+        (args.prompt_list or exporting or args.benchmark,
+         "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
+        (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
+        (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
+        (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
+        (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),
+        (not args.out.endswith(".png") or images <= 1,
+         f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
+        (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
+        (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
+        (not args.export_webui or not Path(args.export_webui).exists(), f"--export-webui {args.export_webui} exists"),
+        (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
+                                                         f"torch's generator seeds, got {args.seed}"),
+        (args.device == "cpu" or args.device.startswith("cuda"),
+         f"--device must be cpu or cuda[:N], got {args.device}"),
+        (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
+    ]
+    outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
+               (args.save_merged, "--save-merged", False)]
+    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs if path is not None
+                                                     and (msg := output_problem(path, flag, is_file))]
 
 
 def main(argv=None):

@@ -113,14 +113,16 @@ def output_problem(path, flag, is_file):
             return f"{flag} {path} is a file, not a folder"
         # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
         where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
-        if not where.is_dir() or (path.is_file() and not os.access(path, os.W_OK)):
+        writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
+        if not writable or (path.is_file() and not os.access(path, os.W_OK)):
             return f"{flag} {path} cannot be written: {where} is not a writable folder"
-        try:  # a real write: os.access says yes to root on a read-only mount, or in /proc
-            fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=where)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            return f"{flag} {path} cannot be written: {where} is not a writable folder ({err.strerror or err})"
+        if where != path:  # a real write where the path will be made: os.access says yes to root, even in /proc
+            try:  # (not inside an existing --out, where another rank may be checking that it is empty)
+                fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=where)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                return f"{flag} {path} cannot be written: {where} is not a writable folder ({err.strerror or err})"
     except OSError as err:  # e.g. a folder we may not even look into
         return f"{flag} {path}: {err.strerror or err}"
     return None
@@ -185,8 +187,7 @@ def remove_unstarted_run(out, created):
 
 def read_prompts(path, flag):
     """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
-    one prompt a line (UTF-8, a byte-order mark allowed; text that is not JSON is lines unless the file is named
-    .json). Empty prompts are dropped, and said so."""
+    one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
     if not Path(path).is_file():
         raise UserError(f"{flag}: no such file: {path}")
     try:
@@ -195,14 +196,12 @@ def read_prompts(path, flag):
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise UserError(f"{flag} {path}: {err.strerror or err}") from None
-    items = None
-    if text.lstrip().startswith(("[", "{")):  # JSON; other text ("[style] a cat" in a .txt) is one prompt a line
+    if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
         try:
             items = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
-            if Path(path).suffix.lower() == ".json":
-                raise UserError(f"{flag} {path}: invalid JSON ({err})") from None
-    if items is not None:
+        except (json.JSONDecodeError, RecursionError) as err:  # refused, not guessed: JSON Lines, a trailing comma
+            raise UserError(f"{flag} {path}: invalid JSON ({err}); a text file of prompts must not start with "
+                            "'[' or '{'") from None
         if not isinstance(items, list):
             raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
         prompts = [item.get("caption") if isinstance(item, dict) else item for item in items]
@@ -954,7 +953,7 @@ def atomic_folder(final):
     """`with atomic_folder(final) as tmp:` fill tmp, which then replaces `final`: a crash never leaves a half folder
     there (a checkpoint that --resume would pick, a pipeline that half loads)."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")  # hidden from the globs that list checkpoints
+    tmp = final.with_name(f".{final.name}.tmp")  # hidden from the globs that list checkpoints
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

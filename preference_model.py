@@ -712,7 +712,7 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
         save_checkpoint(model, tmp / "spm.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps(progress))
-    for old in (out / "checkpoints").glob("step-*"):
+    for old in (out / "checkpoints").iterdir():  # the older ones, and what a crash in the middle of a save left
         if old != final:
             shutil.rmtree(old)
 

@@ -175,8 +175,8 @@ def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
                               args.eta, args.height, args.width, args.negative_prompt, sampling_scheduler(args, pipe))
             broken = int((~pixels.isfinite()).flatten(1).any(dim=1).sum())  # (b, 3, H, W) -> (b,)
             if broken:  # saved anyway, so the names and the grid stay in step with the jobs
-                tqdm.write(f"warning: {broken} of {len(chunk)} images have NaN or inf pixels and come out black (an "
-                           "fp16 overflow? try --precision bf16 or fp32, or a smaller --cfg)", file=sys.stderr)
+                tqdm.write(f"warning: {broken} of {len(chunk)} images have NaN or inf pixels, saved as black or white "
+                           "(an fp16 overflow? try --precision bf16 or fp32, or a smaller --cfg)", file=sys.stderr)
             for (index, prompt, seed), image in zip(chunk, to_pil(pixels)):
                 path = image_path(args, index, prompt, seed, tag)
                 save_png(image, path, image_settings(args, prompt, seed, with_lora))

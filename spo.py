@@ -373,7 +373,8 @@ def exchange_pairs(pairs, world):
 
 
 def checkpoint_dirs(out):
-    return sorted((out / "checkpoints").glob("epoch-*"))  # atomic_folder's unfinished ones start with "."
+    # atomic_folder's unfinished ones start with "."; versions before it left "...tmp" names
+    return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
 
 
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0, grads=None):
@@ -395,6 +396,8 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
         (tmp / "progress.json").write_text(json.dumps(progress))
     for old in checkpoint_dirs(out)[:-keep] if keep else []:
         shutil.rmtree(old)
+    for stale in (out / "checkpoints").glob(".*.tmp"):  # what a crash in the middle of a save left
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -410,6 +413,9 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
     load_optimizer_state(folder / "optimizer.pt", optimizer, scaler, device)
     pending = folder / "pending_pairs.safetensors"
     pending = {k: v.to(device) for k, v in load_safetensors(pending).items()} if pending.exists() else None
+    if pending is not None and not {"x_t", "x_t_lose", "t", "win", "lose", "text", "perm"} <= pending.keys():
+        raise UserError(f"--resume: {folder}/pending_pairs.safetensors lacks some of the pairs' tensors "
+                        "(written by an older version?)")
     if progress.get("group"):  # an unfinished gradient-accumulation group: its gradients must be there
         grads = load_safetensors(folder / "group_grads.safetensors")
         if sorted(grads) != sorted(map(str, range(len(params)))):

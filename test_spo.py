@@ -807,15 +807,38 @@ def test_bad_prompt_files_are_named(content, message, tmp_path):
         D.read_prompts(path, "--prompts")
 
 
-def test_prompt_files_with_a_byte_order_mark_quotes_and_brackets_read_as_meant(tmp_path):
+def test_prompt_files_with_a_byte_order_mark_and_quotes_read_as_meant(tmp_path):
     path = tmp_path / "prompts.json"
     path.write_text('[{"caption": "a cat"}, "a dog"]', encoding="utf-8-sig")  # Windows editors write a BOM
     assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
     path.write_text('"a cat" in the rain\na dog\n')  # plain text, even if a line starts with a quote
     assert D.read_prompts(path, "--prompts") == ['"a cat" in the rain', "a dog"]
-    text = tmp_path / "prompts.txt"  # a first line in brackets is text, not broken JSON, unless the file is .json
-    text.write_text("[watercolor] a cat\n{a, b} dog\n")
-    assert D.read_prompts(text, "--prompts") == ["[watercolor] a cat", "{a, b} dog"]
+    text = tmp_path / "prompts.txt"  # refused, not guessed (JSON Lines would become prompts), saying why
+    text.write_text("[watercolor] a cat\n")
+    with pytest.raises(UserError, match="a text file of prompts must not start with"):
+        D.read_prompts(text, "--prompts")
+
+
+def test_folders_are_written_whole_or_not_at_all(tmp_path):
+    """Checkpoints and merged pipelines go through atomic_folder: a failure leaves the old folder and no
+    temporary one, a crash's leftover is replaced by the next save of that folder, and unfinished folders stay
+    hidden from the checkpoint listing that --resume picks from."""
+    final = tmp_path / "checkpoints" / "epoch-0001_batch-000000_pair-00000"
+    with D.atomic_folder(final) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with D.atomic_folder(final) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("disk full")
+    assert (final / "a").read_text() == "1" and sorted(p.name for p in final.parent.iterdir()) == [final.name]
+    leftover = final.with_name(f".{final.name}.tmp")  # as a SIGKILL in the middle of a save leaves it
+    leftover.mkdir()
+    (leftover / "half").write_text("")
+    (final.parent / "epoch-0002_batch-000000_pair-00000.tmp").mkdir()  # a leftover of older versions
+    assert spo.checkpoint_dirs(tmp_path) == [final]
+    with D.atomic_folder(final) as tmp:
+        (tmp / "a").write_text("3")
+    assert (final / "a").read_text() == "3" and not leftover.exists()
 
 
 def test_damaged_run_files_are_named_and_a_torn_metrics_line_is_dropped(tiny_run, tmp_path, capsys):

@@ -881,6 +881,26 @@ def test_torch_compile_of_the_lora_unet_matches_eager():
         torch.testing.assert_close(compiled(x, t, cond).sample, pipe.unet(x, t, cond).sample, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_the_lora_unet_traces_as_one_graph(model):
+    """spo.py compiles the UNet with fullgraph=True: with the LoRA on and off, and with gradient checkpointing in
+    training, SD1.5's and SDXL's block layouts must trace without a graph break (dynamo's explain, no compiling)."""
+    pipe = D.Pipeline(model)
+    D.inject_lora(pipe.unet, 4, 4)
+    cond = pipe.encode_prompts(["a cat", "a red dog"], (32, 32))
+    extra = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]} if pipe.is_sdxl else None
+    unet = lambda x, t: pipe.unet(x, t, encoder_hidden_states=cond["text"], added_cond_kwargs=extra).sample
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([951, 1])
+    for setting in ("LoRA on", "LoRA off", "gradient checkpointing"):
+        if setting == "gradient checkpointing":
+            pipe.unet.enable_gradient_checkpointing()
+            pipe.unet.train()
+        with D.lora_disabled(pipe.unet) if setting == "LoRA off" else contextlib.nullcontext():
+            explained = torch._dynamo.explain(unet)(x, t)
+        assert explained.graph_break_count == 0, (setting, [str(b.reason) for b in explained.break_reasons])
+    torch._dynamo.reset()
+
+
 class GraphCountAtEachJudgement:
     """The tiny SPM, noting how many graphs torch.compile has made so far each time it judges a pool."""
 

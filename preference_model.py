@@ -750,8 +750,8 @@ def train_command(args, rank=0, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step, micro, progress = 0, 0, {}  # optimizer steps, micro-batches consumed (by each rank)
-    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if d.name[5:].isdigit()),  # no half ones
-                   key=lambda d: int(d.name[5:]))
+    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if d.name.removeprefix("step-").isdigit()),
+                   key=lambda d: int(d.name.removeprefix("step-")))  # "step-N" only: no half-written ones
     if args.resume and ckpts:  # every rank loads the same newest checkpoint
         progress = read_json(ckpts[-1] / "progress.json", "--resume")
         if not all(isinstance(progress.get(k), int) and progress[k] >= 0 for k in ("step", "micro")):
@@ -1052,8 +1052,8 @@ def main(argv=None):
             train_command(args, rank, world)
         else:
             eval_command(args, rank, world)
-    except UserError as err:  # bad data can show only once it is read: a fresh run that never reached a checkpoint
-        if fresh:  # goes, so the same command can run again
+    except UserError as err:
+        if fresh:  # bad data shows only once read: a run with no checkpoint yet goes, so the command can rerun
             remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         return 2

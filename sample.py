@@ -461,11 +461,12 @@ def validate(args):
     checks = [
         (args.n >= 1, f"--n must be >= 1, got {args.n}"),
         (args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-        # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images); more steps than training steps repeat t = 1
+        # eta > 1 makes 1 - a_prev - sigma^2 negative (NaN images)
         (0 <= args.eta <= 1, f"--eta must be in [0, 1], got {args.eta}"),
         (args.scheduler == "ddim" or args.eta == 0, "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
         (args.scheduler == "ddim" or not args.random_init,
          "--scheduler checkpoint needs a checkpoint's scheduler: --random-init has none"),
+        # more steps than training steps would repeat t = 1
         (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),
          "--merge and --save-merged need --precision fp32: "

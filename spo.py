@@ -432,6 +432,9 @@ def setup_models(cfg, scorer=None, world=1):
     distributed_cuda = cfg.device == "cuda" and world > 1
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if distributed_cuda else cfg.device)
     dtype = DTYPES[cfg.precision]
+    if device.type == "cpu" and dtype != torch.float32:
+        print(f"note: --precision {cfg.precision} on a CPU is several times slower than fp32, the CPU default",
+              file=sys.stderr)
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -116,8 +116,10 @@ def output_problem(path, flag, is_file):
         writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
         if not writable or (path.is_file() and not os.access(path, os.W_OK)):
             return f"{flag} {path} cannot be written: {where} is not a writable folder"
-        if where != path:  # a real write where the path will be made: os.access says yes to root, even in /proc
-            try:  # (not inside an existing --out, where another rank may be checking that it is empty)
+        # A real write, as os.access says yes to root even in /proc; not inside an existing folder under torchrun,
+        # where another rank may be checking at that moment that the folder is empty.
+        if where != path or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            try:
                 fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=where)
                 os.close(fd)
                 os.unlink(probe)
@@ -211,7 +213,7 @@ def read_prompts(path, flag):
     else:
         prompts = text.splitlines()
     kept = [p.strip() for p in prompts if p.strip()]
-    check_text(kept, flag)
+    check_text(kept, f"{flag} {path}")
     if not kept:
         raise UserError(f"{flag} {path}: no prompts in the file")
     if len(kept) < len(prompts):

@@ -712,8 +712,9 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
         save_checkpoint(model, tmp / "spm.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps(progress))
-    for old in (out / "checkpoints").iterdir():  # the older ones, and what a crash in the middle of a save left
-        if old != final:
+    # the older ones, and what a crash in the middle of a save left (".step-N.tmp", before atomic_folder "step-N.tmp")
+    for old in [*(out / "checkpoints").glob("step-*"), *(out / "checkpoints").glob(".*.tmp")]:
+        if old != final and old.is_dir():
             shutil.rmtree(old)
 
 
@@ -1015,7 +1016,7 @@ def main(argv=None):
         p.add_argument("--eval-timesteps", type=int, nargs="+", default=list(EVAL_TIMESTEPS))
         p.add_argument("--pickscore-labels", metavar="THRESHOLD", default=..., type=threshold_or_none,
                        help="replace the human labels by PickScore's preference where it exceeds THRESHOLD, "
-                            "else a tie; 'none' keeps the human labels (default: sdxl 0.1, else none)")
+                            "else a tie; 'none' keeps the human labels (default: sdxl and tiny-sdxl 0.1, else none)")
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", help="default: cuda if available")
         p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")

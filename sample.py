@@ -456,7 +456,7 @@ def prompt_list(args):
 
 def validate(args):
     """Every check that needs no model, so that a typo costs a second and writes nothing."""
-    exporting, both = args.save_merged or args.export_webui, args.compare or args.eval
+    exporting, both = args.save_merged is not None or args.export_webui is not None, args.compare or args.eval
     images = len(args.prompt_list) * args.n * (2 if both else 1)
     checks = [
         (args.n >= 1, f"--n must be >= 1, got {args.n}"),

@@ -396,7 +396,8 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
         (tmp / "progress.json").write_text(json.dumps(progress))
     for old in checkpoint_dirs(out)[:-keep] if keep else []:
         shutil.rmtree(old)
-    for stale in (out / "checkpoints").glob(".*.tmp"):  # what a crash in the middle of a save left
+    # what a crash in the middle of a save left (before atomic_folder, without the leading ".")
+    for stale in [*(out / "checkpoints").glob(".*.tmp"), *(out / "checkpoints").glob("epoch-*.tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

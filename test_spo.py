@@ -709,6 +709,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--validation-seeds", "0", str(2**64)], "--seed and --validation-seeds must be in [0, 4294967295]"),
     (["--out", ""], "--out is empty: name a folder"),  # with --overwrite it once emptied the current directory
     (["--out", "/proc/spo-run"], "cannot be written: /proc is not a writable folder"),  # root passed os.access
+    (["--out", "/proc"], "--out /proc cannot be written"),  # an existing folder that only a real write refuses
 ]
 
 
@@ -840,6 +841,18 @@ def test_folders_are_written_whole_or_not_at_all(tmp_path):
     with D.atomic_folder(final) as tmp:
         (tmp / "a").write_text("3")
     assert (final / "a").read_text() == "3" and not leftover.exists()
+
+
+def test_spm_checkpoints_keep_the_newest_and_clear_crash_leftovers_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(pm, "save_checkpoint", lambda model, path: Path(path).write_text("spm"))
+    folder = tmp_path / "checkpoints"
+    for name in ("step-2", ".step-4.tmp", "step-3.tmp"):  # an older one, and two kinds of crash leftovers
+        (folder / name).mkdir(parents=True)
+    (folder / "notes.txt").write_text("the user's")  # once crashed the pruning with a traceback
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    pm.save_training_checkpoint(tmp_path, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), {"step": 4})
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "step-4"]
+    assert sorted(p.name for p in (folder / "step-4").iterdir()) == ["optimizer.pt", "progress.json", "spm.safetensors"]
 
 
 def test_damaged_run_files_are_named_and_a_torn_metrics_line_is_dropped(tiny_run, tmp_path, capsys):

@@ -485,8 +485,9 @@ def validate(args):
         (not args.out.endswith(".png") or images <= 1,
          f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
         (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
-        (not args.save_merged or not Path(args.save_merged).exists(), f"--save-merged {args.save_merged} exists"),
-        (not args.export_webui or not Path(args.export_webui).exists(), f"--export-webui {args.export_webui} exists"),
+        # (a file where a folder belongs, or the other way round, is output_problem's to say)
+        (not args.save_merged or not Path(args.save_merged).is_dir(), f"--save-merged {args.save_merged} exists"),
+        (not args.export_webui or not Path(args.export_webui).is_file(), f"--export-webui {args.export_webui} exists"),
         (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
                                                          f"torch's generator seeds, got {args.seed}"),
         (args.device == "cpu" or args.device.startswith("cuda"),

@@ -2133,6 +2133,13 @@ def test_images_with_nan_pixels_are_reported_not_passed_off_as_pictures(tmp_path
     assert "NaN" not in capsys.readouterr().err
 
 
+def test_an_export_onto_a_file_is_one_problem_not_two(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--save-merged", str(tmp_path / "afile")])
+    assert capsys.readouterr().err.strip() == f"error: --save-merged {tmp_path / 'afile'} is a file, not a folder"
+
+
 def test_no_prompt_is_refused_unless_only_exporting(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(GOLDEN_RUN + ["--out", str(tmp_path / "out")])

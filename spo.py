@@ -344,9 +344,11 @@ def save_validation_grid(pipe, cfg, path):
 
 
 def rank_prompts(order, rank, world):
-    """This rank's prompts for the epoch: the order padded to a multiple of the world size by repeating its
-    start (as DistributedSampler does), then every world-th one, so all ranks get equally many."""
-    order = order + order[:(-len(order)) % world]
+    """This rank's prompts for the epoch: the order padded to a multiple of the world size by repeating it from
+    its start (as DistributedSampler does, also when there are fewer prompts than ranks), then every world-th one,
+    so all ranks get equally many."""
+    total = math.ceil(len(order) / world) * world
+    order = (order * math.ceil(total / len(order)))[:total]
     return order[rank::world]
 
 

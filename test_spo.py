@@ -821,6 +821,14 @@ def test_prompt_files_with_a_byte_order_mark_and_quotes_read_as_meant(tmp_path):
         D.read_prompts(text, "--prompts")
 
 
+def test_every_rank_gets_equally_many_prompts_even_with_fewer_prompts_than_ranks():
+    for n, world in ((10, 4), (3, 8), (1, 3), (8, 8)):
+        shares = [spo.rank_prompts(list(range(n)), rank, world) for rank in range(world)]
+        assert {len(share) for share in shares} == {math.ceil(n / world)}, (n, world, shares)
+        assert set().union(*shares) == set(range(n)), "every prompt is sampled by some rank"
+    assert [spo.rank_prompts(list(range(10)), r, 4) for r in range(4)] == [[0, 4, 8], [1, 5, 9], [2, 6, 0], [3, 7, 1]]
+
+
 def test_folders_are_written_whole_or_not_at_all(tmp_path):
     """Checkpoints and merged pipelines go through atomic_folder: a failure leaves the old folder and no
     temporary one, a crash's leftover is replaced by the next save of that folder, and unfinished folders stay

@@ -113,21 +113,26 @@ def output_problem(path, flag, is_file):
             return f"{flag} {path} is a file, not a folder"
         # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
         where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
-        writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
+        # A real write, as os.access says yes to root even in /proc; but not inside an existing folder under
+        # torchrun, where another rank may be checking at that moment that the folder is empty.
+        probe = where != path or int(os.environ.get("WORLD_SIZE", 1)) == 1
+        writable = where.is_dir() and (can_create_in(where) if probe else os.access(where, os.W_OK | os.X_OK))
         if not writable or (path.is_file() and not os.access(path, os.W_OK)):
             return f"{flag} {path} cannot be written: {where} is not a writable folder"
-        # A real write, as os.access says yes to root even in /proc; not inside an existing folder under torchrun,
-        # where another rank may be checking at that moment that the folder is empty.
-        if where != path or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-            try:
-                fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=where)
-                os.close(fd)
-                os.unlink(probe)
-            except OSError as err:
-                return f"{flag} {path} cannot be written: {where} is not a writable folder ({err.strerror or err})"
     except OSError as err:  # e.g. a folder we may not even look into
         return f"{flag} {path}: {err.strerror or err}"
     return None
+
+
+def can_create_in(folder):
+    """Whether a file can be made in `folder`: made, then removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def check_text(texts, flag):
@@ -964,6 +969,14 @@ def atomic_folder(final):
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_unfinished(folder):
+    """The temporary folders that a crash in the middle of an atomic_folder save left in a folder of checkpoints
+    (".NAME.tmp"; before atomic_folder, "NAME.tmp")."""
+    for stale in Path(folder).glob("*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_safetensors(path):

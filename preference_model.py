@@ -33,8 +33,8 @@ from tqdm import tqdm
 from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
                        all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
                        finite_float, first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem,
-                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unstarted_run, resolve_file,
-                       setup_distributed, stop_together, take, write_tiny_tokenizer)
+                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished, remove_unstarted_run,
+                       resolve_file, setup_distributed, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -712,8 +712,8 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
         save_checkpoint(model, tmp / "spm.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps(progress))
-    # the older ones, and what a crash in the middle of a save left (".step-N.tmp", before atomic_folder "step-N.tmp")
-    for old in [*(out / "checkpoints").glob("step-*"), *(out / "checkpoints").glob(".*.tmp")]:
+    remove_unfinished(out / "checkpoints")
+    for old in (out / "checkpoints").glob("step-*"):
         if old != final and old.is_dir():
             shutil.rmtree(old)
 

@@ -40,7 +40,8 @@ from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, P
                        UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
                        ddim_step, ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state,
                        load_safetensors, lora_disabled, output_problem, predict_noise, read_json, read_metrics,
-                       read_prompts, remove_unstarted_run, save_grid, save_lora, setup_distributed, take)
+                       read_prompts, remove_unfinished, remove_unstarted_run, save_grid, save_lora, setup_distributed,
+                       take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def train_micro_batch(pipe, policy, reference, pairs, uncond_1, params, optimize
         logps = pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg)
     loss, ratio_w, ratio_l = spo_loss(*logps, cfg.beta, cfg.eps)
     scaler.scale(loss / cfg.grad_accum).backward()
-    stats = torch.stack([loss.detach(), ratio_w.mean(), ratio_l.mean()]).tolist()  # the micro-batch's one sync
+    stats = torch.stack([loss.detach(), ratio_w.mean(), ratio_l.mean()]).tolist()  # the metrics in one transfer
     *sums, n = all_ranks_sum([*stats, len(pairs["t"])], world)
     group.append(tuple(v / world for v in sums) + (int(n),))  # (loss, ratio_w, ratio_l, pairs) of all ranks
     if len(group) < cfg.grad_accum:
@@ -398,9 +399,7 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0
         (tmp / "progress.json").write_text(json.dumps(progress))
     for old in checkpoint_dirs(out)[:-keep] if keep else []:
         shutil.rmtree(old)
-    # what a crash in the middle of a save left (before atomic_folder, without the leading ".")
-    for stale in [*(out / "checkpoints").glob(".*.tmp"), *(out / "checkpoints").glob("epoch-*.tmp")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_unfinished(out / "checkpoints")
     return final
 
 
@@ -470,6 +469,10 @@ def setup_models(cfg, scorer=None, world=1):
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     return SimpleNamespace(device=device, autocast=autocast, scaler=scaler, pipe=pipe, unet=unet, policy=policy,
                            scorer=scorer, lora_params=lora_params, optimizer=optimizer)
+
+
+def load_prompts(cfg):
+    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
 
 
 def train(cfg, scorer=None, rank=0, world=1):
@@ -827,10 +830,6 @@ def is_spo_run(folder):
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {"divert_start_step", "k", "beta", "eps", "threshold"} <= saved.keys()
-
-
-def load_prompts(cfg):
-    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
 
 
 def main(argv=None):

@@ -113,10 +113,9 @@ def output_problem(path, flag, is_file):
             return f"{flag} {path} is a file, not a folder"
         # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
         where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
-        # A real write, as os.access says yes to root even in /proc; but not inside an existing folder under
-        # torchrun, where another rank may be checking at that moment that the folder is empty.
-        probe = where != path or int(os.environ.get("WORLD_SIZE", 1)) == 1
-        writable = where.is_dir() and (can_create_in(where) if probe else os.access(where, os.W_OK | os.X_OK))
+        # A real write, as os.access says yes to root even in /proc (holds_files overlooks the probe, which another
+        # torchrun rank may be making while this one checks that the folder is empty)
+        writable = where.is_dir() and can_create_in(where)
         if not writable or (path.is_file() and not os.access(path, os.W_OK)):
             return f"{flag} {path} cannot be written: {where} is not a writable folder"
     except OSError as err:  # e.g. a folder we may not even look into
@@ -124,15 +123,23 @@ def output_problem(path, flag, is_file):
     return None
 
 
+WRITE_PROBE = ".spo-write-test-"
+
+
 def can_create_in(folder):
     """Whether a file can be made in `folder`: made, then removed."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".spo-write-test-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
     except OSError:
         return False
     os.close(fd)
     os.unlink(probe)
     return True
+
+
+def holds_files(folder):
+    """Whether an existing folder holds anything but another process's write probe."""
+    return any(not p.name.startswith(WRITE_PROBE) for p in Path(folder).iterdir())
 
 
 def check_text(texts, flag):
@@ -906,13 +913,13 @@ def lora_merged(unet, modules, scale=1.0):
     """Inside: each module's weight is W + scale * alpha/r * up @ down, formed in fp32 and cast to W's dtype. On exit
     the original weights come back exactly (a copy of the touched layers is kept, not undone by subtraction)."""
     originals = {}
-    with torch.no_grad():
-        for name, (down, up, alpha) in modules.items():
-            w = unet.get_submodule(name).weight
-            originals[name] = w.detach().clone()
-            delta = (scale * alpha / down.shape[0]) * (up.to(w.device) @ down.to(w.device))  # (out, r) @ (r, in)
-            w.copy_(w.float() + delta)
-    try:
+    try:  # a merge that fails midway (out of memory) restores the layers it changed so far
+        with torch.no_grad():
+            for name, (down, up, alpha) in modules.items():
+                w = unet.get_submodule(name).weight
+                originals[name] = w.detach().clone()
+                delta = (scale * alpha / down.shape[0]) * (up.to(w.device) @ down.to(w.device))  # (out, r) @ (r, in)
+                w.copy_(w.float() + delta)
         yield unet
     finally:
         with torch.no_grad():

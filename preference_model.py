@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
                        all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
-                       finite_float, first_line, load_optimizer_state, offline_if_hub_unreachable, output_problem,
-                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished, remove_unstarted_run,
-                       resolve_file, setup_distributed, stop_together, take, write_tiny_tokenizer)
+                       finite_float, first_line, holds_files, load_optimizer_state, offline_if_hub_unreachable,
+                       output_problem, predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished,
+                       remove_unstarted_run, resolve_file, setup_distributed, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -973,7 +973,7 @@ def fill_defaults(args):
             problems.append(problem)
         elif args.resume and not (out / "config.json").is_file():
             problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-        elif not args.resume and out.exists() and any(out.iterdir()):
+        elif not args.resume and out.is_dir() and holds_files(out):
             problems.append(f"--out {out} already holds files: pass --resume to continue that run")
     if problems:
         raise UserError("; ".join(problems))

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
-                       ddim_step, ddim_timesteps, finite_float, inject_lora, load_lora, load_optimizer_state,
-                       load_safetensors, lora_disabled, output_problem, predict_noise, read_json, read_metrics,
-                       read_prompts, remove_unfinished, remove_unstarted_run, save_grid, save_lora, setup_distributed,
-                       take)
+                       ddim_step, ddim_timesteps, finite_float, holds_files, inject_lora, load_lora,
+                       load_optimizer_state, load_safetensors, lora_disabled, output_problem, predict_noise, read_json,
+                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, save_grid, save_lora,
+                       setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +811,7 @@ def validate(cfg):
         return problems + [problem]
     if cfg.resume and not (out / "config.json").is_file():
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+    if not cfg.resume and out.is_dir() and holds_files(out):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
                             "pass --resume to continue that run or --overwrite to replace it")
@@ -839,7 +839,7 @@ def main(argv=None):
         cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
         out = Path(cfg.out)
         created = not out.exists()
-        fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not any(out.iterdir()))
+        fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out))
         if world > 1:
             dist.barrier()
         if cfg.benchmark:

@@ -734,6 +734,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_
     assert not out.exists(), "a refused run must write nothing"
 
 
+def test_output_checks_under_torchrun_write_for_real_and_overlook_each_others_probe(tmp_path, monkeypatch):
+    """Every torchrun rank checks --out at once: one rank's write probe must not make the folder look taken to
+    another, and an existing folder must still be probed with a real write (root passes os.access in /proc)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "--out /proc cannot be written" in D.output_problem("/proc", "--out", is_file=False)
+    (tmp_path / (D.WRITE_PROBE + "rank1")).write_text("")  # another rank's probe, caught mid-check
+    assert D.output_problem(tmp_path, "--out", is_file=False) is None
+    assert not D.holds_files(tmp_path)
+    (tmp_path / "keep.txt").write_text("")
+    assert D.holds_files(tmp_path)
+
+
 def test_bad_prompt_files_and_existing_runs_are_refused(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
@@ -1693,6 +1705,11 @@ def test_golden_lora_loads_and_reproduces_the_golden_unet_output(lora_io):
     with D.lora_merged(unet, modules):
         merged = unet_out(unet, lora_io)
     assert torch.equal(unet_out(unet, lora_io), base), "leaving lora_merged must restore the exact base weights"
+    down, up, alpha = next(iter(modules.values()))
+    failing = {**modules, "mid_block.attentions.0.proj_in": (down, up, alpha)}  # merged layers first, then a misfit
+    with pytest.raises(RuntimeError), D.lora_merged(unet, failing):
+        pass
+    assert torch.equal(unet_out(unet, lora_io), base), "a merge that fails midway must restore what it changed"
     D.apply_lora(unet, modules)
     torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4,
                                msg=lambda m: f"applied golden LoRA differs from the golden output: {m}")

@@ -464,11 +464,12 @@ def open_image(value, where):
 
 def resize_crop(image, resolution):
     """A PIL image -> (3, R, R) in [-1, 1] as the reference dataset: shortest edge to R (PIL bicubic), then
-    the centre crop."""
+    the centre crop. The long edge is int(R * long / short), transformers' rounding (784 x 1568 at R = 512 gives
+    1024; int(long * (R / short)) would give 1023)."""
     from PIL import Image
 
-    scale = resolution / min(image.size)
-    w, h = max(resolution, int(image.width * scale)), max(resolution, int(image.height * scale))
+    short = min(image.size)
+    w, h = (int(resolution * side / short) for side in image.size)
     image = image.resize((w, h), Image.BICUBIC)
     left, top = (w - resolution) // 2, (h - resolution) // 2
     return pil_to_tensor(image.crop((left, top, left + resolution, top + resolution)))
@@ -629,12 +630,13 @@ class PairScores(nn.Module):
 def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
     """PickScore's loss (Kirstain et al. 2023), as the SPM is trained: cross-entropy of softmax([s_0, s_1])
     against the labels (human, or PickScore's with --pickscore-labels), plus log(0.5) on ties so that a perfect
-    tie costs 0 instead of log 2. Each pair is weighted by 1 / (pairs of its prompt), normalised over the batch:
-    busy prompts do not dominate."""
+    tie costs 0 instead of log 2. Each pair is weighted by w = 1 / (pairs of its prompt), so busy prompts do not
+    dominate. Returns (sum of w * loss, sum of w): the loss is their ratio over ALL the pairs of an update, since
+    the reference all-gathers every GPU's pairs before it normalises the weights."""
     log_p = torch.stack([scores_0, scores_1], dim=-1).float().log_softmax(dim=-1)  # (b, 2)
     loss = -(label_0 * log_p[:, 0] + label_1 * log_p[:, 1]) + (label_0 == label_1) * math.log(0.5)
-    weight = (1 / num_per_prompt) / (1 / num_per_prompt).sum()
-    return (weight * loss).sum()
+    weight = 1 / num_per_prompt
+    return (weight * loss).sum(), weight.sum()
 
 
 def lr_factor(step, warmup, total):
@@ -694,14 +696,15 @@ def print_accuracy(accuracy, count, title):
 
 
 def precision_setup(args, world=1):
-    """(device, dtype of the frozen SD weights, autocast for the fp32 SPM weights, nanoGPT style). Under torchrun
-    each rank takes the GPU of its LOCAL_RANK."""
+    """(device, dtype of the frozen SD weights, autocast for the fp32 SPM weights, nanoGPT style). --precision is
+    the SPM's; in a half-precision run the frozen SD is fp16 whichever half, as the reference (its SD in fp16, its
+    SPM in DeepSpeed bf16). Under torchrun each rank takes the GPU of its LOCAL_RANK."""
     device = torch.device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = DTYPES[args.precision]
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    return device, dtype, autocast
+    return device, torch.float16 if dtype != torch.float32 else dtype, autocast
 
 
 def save_training_checkpoint(out, model, optimizer, scaler, progress):
@@ -748,7 +751,7 @@ def train_command(args, rank=0, world=1):
     params = list(model.parameters())
     # One parameter group, weight decay on everything (logit scale included), as the reference's DeepSpeed AdamW.
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # the SPM's precision
 
     step, micro, progress = 0, 0, {}  # optimizer steps, micro-batches consumed (by each rank)
     ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if d.name.removeprefix("step-").isdigit()),
@@ -827,7 +830,7 @@ def train_command(args, rank=0, world=1):
             lr = args.lr * lr_factor(step, args.warmup_steps, args.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total = 0.0
+            loss_sum = weight_sum = 0.0  # of this rank's pairs in the update
             for i in range(args.grad_accum):
                 captions, im0, im1, l0, l1, n = next(data)
                 # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
@@ -838,13 +841,17 @@ def train_command(args, rank=0, world=1):
                 with contextlib.nullcontext() if sync else scorer.no_sync():
                     with autocast:
                         s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
-                    loss = preference_loss(s0, s1, l0, l1, n) / args.grad_accum  # the mean over micro-batches
-                    scaler.scale(loss).backward()
-                total += loss.item()
+                    weighted, weights = preference_loss(s0, s1, l0, l1, n)
+                    scaler.scale(weighted).backward()  # the unnormalised sum: normalised once the update is whole
+                loss_sum, weight_sum = loss_sum + weighted.item(), weight_sum + weights.item()
                 micro += 1
+            loss_sum, weight_sum = all_ranks_sum([loss_sum, weight_sum], world)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()  # of the averaged gradients
-            record = dict(step=step + 1, loss=all_ranks_sum([total], world)[0] / world, lr=lr, grad_norm=grad_norm)
+            # DDP averaged the ranks' sums of w * gradient; the reference's loss is sum(w * loss) / sum(w) over the
+            # pairs of every rank and micro-batch (one all-gathered batch), so: times world, over all the weights.
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], world / weight_sum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            record = dict(step=step + 1, loss=loss_sum / weight_sum, lr=lr, grad_norm=grad_norm)
             if math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced
                 scaler.step(optimizer)
                 bad_steps = 0
@@ -1019,7 +1026,9 @@ def main(argv=None):
                             "else a tie; 'none' keeps the human labels (default: sdxl and tiny-sdxl 0.1, else none)")
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--device", help="default: cuda if available")
-        p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+        p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                       help="the SPM's autocast; in half precision the frozen SD runs in fp16, as the reference's "
+                            "(default: bf16 on CUDA, fp32 on CPU)")
     evaluate.set_defaults(batch_size=16)
     evaluate.add_argument("--kind", choices=["spm", "pickscore"], default="spm", help="SPM or plain PickScore")
     evaluate.add_argument("--checkpoint", help="SPM weights (default: the preset's released SPM)")

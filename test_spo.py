@@ -6,6 +6,7 @@ runs offline on CPU (see README.md for how long).
 
     python -m pytest -x -q test_spo.py
 """
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -2306,6 +2307,22 @@ def test_identity_vae_round_trips_images():
     assert (rec - x).abs().max() < 0.01, f"decode(encode(x)) should be x, max error {(rec - x).abs().max():.3f}"
 
 
+def test_pick_a_pic_images_are_resized_and_cropped_as_the_clip_processor_does():
+    """The reference dataset runs the CLIP processor at the SD resolution: transformers' int(R * long / short) for
+    the long edge. At 49 x 98 and R = 8, int(98 * (8 / 49)) = 15 would crop a different window."""
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    gen = torch.Generator().manual_seed(0)
+    for w, h in [(49, 98), (98, 49), (20, 8), (33, 71)]:
+        image = Image.frombytes("RGB", (w, h), torch.randint(0, 256, (h * w * 3,), generator=gen,
+                                                             dtype=torch.uint8).numpy().tobytes())
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
+                                          do_normalize=False)  # rescaled to [0, 1]
+        expected = torch.as_tensor(processor(images=image, return_tensors="pt")["pixel_values"][0]) * 2 - 1
+        torch.testing.assert_close(pm.resize_crop(image, 8), expected, rtol=0, atol=1e-6)
+
+
 def wiener_denoiser(pretrained):
     """A stand-in for diffusion.predict_noise that forgets the image as t grows, as a trained UNet does and the random
     tiny one (which barely reacts to its input) does not: the optimal denoiser for unit-variance Gaussian data (SD's
@@ -2488,7 +2505,8 @@ def test_preference_loss_equals_hand_computation():
     tie = 0.5 * math.log(2) + 0.5 * math.log(2) + math.log(0.5)  # equal scores on a tie cost exactly 0
     w = [1 / 1, 1 / 2, 1 / 4]
     expected = (w[0] * ce0 + w[1] * ce1 + w[2] * tie) / sum(w)
-    got = pm.preference_loss(s0, s1, label_0, label_1, n).item()
+    weighted, weights = pm.preference_loss(s0, s1, label_0, label_1, n)
+    got = (weighted / weights).item()
     assert abs(got - expected) < 1e-6, f"loss {got}, hand computation {expected}"
     assert abs(tie) < 1e-12
 
@@ -2565,7 +2583,7 @@ def test_a_run_its_data_refuses_before_any_checkpoint_leaves_nothing(dataset, tm
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset, identity_sd, tmp_path, capsys,
                                                                           monkeypatch):
     real, updates = pm.preference_loss, []
-    monkeypatch.setattr(pm, "preference_loss", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(pm, "preference_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1))
     out = tmp_path / "out"
     code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
@@ -2575,6 +2593,26 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 10 and all(r["skipped"] == "non-finite gradient" for r in steps)
     assert not updates, "a skipped step must not update the SPM"
+
+
+def test_a_half_precision_run_keeps_the_frozen_sd_in_fp16_as_the_reference(dataset, identity_sd, tmp_path,
+                                                                            monkeypatch):
+    """The reference runs its SD in fp16 and its SPM in bf16: --precision bf16 autocasts the SPM to bf16 (no
+    GradScaler) while the frozen UNet and VAE hold fp16 weights; fp32 keeps everything in fp32."""
+    seen = {}
+    real_pipeline = pm.Pipeline
+    monkeypatch.setattr(pm, "Pipeline", lambda *a, **k: seen.setdefault("pipe", real_pipeline(*a, **k)))
+    fp32 = pm.precision_setup(argparse.Namespace(device="cpu", precision="fp32"))
+    assert fp32[1] == torch.float32 and isinstance(fp32[2], contextlib.nullcontext)
+    code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(dataset), "--batch-size", "2", "--max-steps", "2", "--eval-timesteps", "501", "--precision",
+                    "bf16", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert seen["pipe"].unet.dtype == seen["pipe"].vae.dtype == torch.float16
+    losses = [r["loss"] for r in records(tmp_path / "out") if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    optimizer_state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)
+    assert not optimizer_state["scaler"], "bf16 needs no GradScaler"
 
 
 def test_missing_columns_are_named(dataset, tmp_path, capsys):
@@ -2707,6 +2745,47 @@ def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, si
     single, world1 = (load_file(run / "spm.safetensors") for run in (single_run, out))
     assert all(torch.equal(single[k], world1[k]) for k in single), "world size 1 must train exactly as one process"
     assert (out / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()
+
+
+SPM_CLEAN_PAIRS_AT_T0 = """
+import sys
+sys.path.insert(0, {project!r})
+import torch
+torch.set_num_threads(1)
+import preference_model as pm
+pm.denoised_pair = lambda pipe, im0, im1, *rest: (im0, im1)  # clean images: no noise draw that depends on the split
+pm.torch.randint = lambda low, high, size, **kw: torch.zeros(size, dtype=torch.long, device=kw.get("device"))  # t = 0
+sys.exit(pm.main(sys.argv[1:]))
+"""
+
+
+def test_an_update_normalises_the_pair_weights_over_every_rank_and_micro_batch(identity_sd, tmp_path, monkeypatch):
+    """The reference all-gathers the pairs of every GPU and only then normalises the weights 1 / (pairs of the
+    prompt). So the same 8 pairs must give the same loss and gradient as one batch of 8, as 2 micro-batches of 4,
+    and as 2 ranks of 4 (per-batch normalisation, averaged, gives other ones when the prompt counts differ)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    train = pick_a_pic_rows(16, seed=5)
+    for i, row in enumerate(train):
+        row["num_example_per_prompt"] = [1, 12, 3, 40, 2, 7, 25, 1][i % 8]
+    write_shard(data / "train-00000-of-00001.parquet", train)
+    write_shard(data / "validation_unique-00000-of-00001.parquet", pick_a_pic_rows(4, seed=6))
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(data),
+             "--max-steps", "1", "--eval-timesteps", "0"]
+    monkeypatch.setattr(pm, "denoised_pair", lambda pipe, im0, im1, *rest: (im0, im1))  # as the script above
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.zeros(size, dtype=torch.long))
+    for name, split in [("batch", ["--batch-size", "8"]), ("micro", ["--batch-size", "4", "--grad-accum", "2"])]:
+        assert pm.main([*flags, *split, "--out", str(tmp_path / name)]) == 0
+    script = tmp_path / "clean_pairs.py"
+    script.write_text(SPM_CLEAN_PAIRS_AT_T0.format(project=str(Path(__file__).resolve().parent)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *flags, "--batch-size", "4", "--out", str(tmp_path / "ranks")],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    batch, micro, ranks = ([r for r in records(tmp_path / run) if "loss" in r][0] for run in ("batch", "micro", "ranks"))
+    for other in (micro, ranks):
+        assert math.isclose(other["loss"], batch["loss"], rel_tol=1e-5), (other, batch)
+        assert math.isclose(other["grad_norm"], batch["grad_norm"], rel_tol=1e-4), (other, batch)
 
 
 SPM_BAD_ROW_ON_RANK_1 = """

@@ -420,6 +420,15 @@ ARCHITECTURES = {
 }
 
 
+@contextlib.contextmanager
+def seeded_weights(device):
+    """Random weights drawn from seed 0, the caller's RNG state untouched: every torchrun rank, a resumed run and
+    a PNG's own command build the same random-init model."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(0)
+        yield
+
+
 def random_pipeline_parts(model, device="cpu", folder=None):
     """Tokenizer(s), text encoder(s), UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights.
     The tokenizers are the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend
@@ -531,7 +540,8 @@ class Pipeline:
 
         quiet_libraries()
         if random_init:
-            self.__dict__.update(random_pipeline_parts(random_init, device))
+            with seeded_weights(device):
+                self.__dict__.update(random_pipeline_parts(random_init, device))
         else:
             path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else pretrained
             offline_if_hub_unreachable(path)
@@ -656,9 +666,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not self.enabled:
             return y
-        # LoRA weights stay fp32 while the base may be fp16/bf16. Under autocast the branch computes in the half
-        # dtype (standard AMP, as the official run's accelerate autocast does; an fp32 input would double the
-        # activations saved for backward).
+        # LoRA weights stay fp32 while the base may be fp16/bf16. x.to(w.dtype) serves runs without autocast (an
+        # fp16 base with the fp32 LoRA, e.g. sample.py); under autocast F.linear casts back to the half dtype
+        # (standard AMP, as the official run's accelerate autocast), so the activations saved stay half.
         w = self.lora.down.weight
         return y + (self.lora.up(self.lora.down(x.to(w.dtype))) * self.scale).to(y.dtype)
 
@@ -783,7 +793,8 @@ def sgm_name(name, layers_per_block):
 def read_lora_file(path):
     """A LoRA .safetensors file -> (tensors, declared): `declared` holds what the file says about alpha outside its
     tensors: diffusers' `lora_adapter_metadata` header (`unet.lora_alpha`, `unet.alpha_pattern`), or for PEFT's
-    adapter_model.safetensors its adapter_config.json. Empty for the official files, which store no alpha."""
+    adapter_model.safetensors its adapter_config.json. For the official files, which store no alpha:
+    {"alpha": None, "alpha_pattern": {}}."""
     from safetensors import safe_open
 
     tensors = load_safetensors(path)
@@ -900,11 +911,10 @@ def apply_lora(unet, modules, scale=1.0):
     for name, (down, up, alpha) in modules.items():
         parent, _, child = name.rpartition(".")
         rank = down.shape[0]
-        layer = LoRALinear(unet.get_submodule(name), rank, alpha)
+        layer = LoRALinear(unet.get_submodule(name), rank, scale * alpha)  # branch scale: scale * alpha / r
         with torch.no_grad():
             layer.lora.down.weight.copy_(down)
             layer.lora.up.weight.copy_(up)
-        layer.scale = scale * alpha / rank
         setattr(unet.get_submodule(parent), child, layer)
 
 
@@ -1019,10 +1029,11 @@ def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
 
 
 def ddim_step(model_output, t, x_t, alphas_cumprod, step_ratio, eta, prediction_type="epsilon"):
-    """One DDIM step from x_t: returns (x0, eps, mean, std) with x_{t-1} = mean + std * z, z ~ N(0, I).
+    """One DDIM step from x_t: returns (x0, mean, std) with x_{t-1} = mean + std * z, z ~ N(0, I).
 
-    Scheduler coefficients are formed in float32 from the float32 alphas_cumprod, then cast to the sample's
-    dtype, exactly as the official code does (golden README N4). t is an int64 tensor, () or (B,)."""
+    Scheduler coefficients are formed in float32 from the float32 alphas_cumprod, as the official code does
+    (golden README N4), then cast to the sample's dtype: a no-op for our float32 latents, an upcast for the
+    golden float64 (f64_) vectors. t is an int64 tensor, () or (B,)."""
     t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
     prev_t = (t - step_ratio).clamp(0, len(alphas_cumprod) - 1)  # N2: clamp, so t=1 -> 0, never "alpha=1"
     a_t, a_prev = alphas_cumprod[t], alphas_cumprod[prev_t]  # (B,) float32
@@ -1039,7 +1050,7 @@ def ddim_step(model_output, t, x_t, alphas_cumprod, step_ratio, eta, prediction_
     else:
         raise UserError(f"unsupported prediction_type {prediction_type!r}")
     mean = c(a_prev ** 0.5) * x0 + c((1 - a_prev - std ** 2) ** 0.5) * eps  # eq. (12)
-    return x0, eps, mean, std
+    return x0, mean, std
 
 
 LOG_SQRT_2PI = torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))  # float32, as the official code forms it
@@ -1080,7 +1091,7 @@ def ddim_sample(pipe, unet, cond, uncond, latents, steps, cfg, eta=0.0, generato
     for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
         tt = torch.full((latents.shape[0],), t, device=latents.device)
         eps = predict_noise(unet, latents, tt, cond, uncond, cfg)
-        _, _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
+        _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
         if eta == 0:
             noise = 0
         elif isinstance(generator, list):

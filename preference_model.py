@@ -34,7 +34,8 @@ from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, Stop
                        all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
                        finite_float, first_line, holds_files, load_optimizer_state, offline_if_hub_unreachable,
                        output_problem, predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished,
-                       remove_unstarted_run, resolve_file, setup_distributed, stop_together, take, write_tiny_tokenizer)
+                       remove_unstarted_run, resolve_file, seeded_weights, setup_distributed, stop_together, take,
+                       write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -278,7 +279,7 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = write_tiny_tokenizer(Path(tempfile.mkdtemp()), pad_token="!", max_length=77)
-    with torch.device(device):
+    with torch.device(device), seeded_weights(device):
         clip = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
     model = classes[kind](clip, tokenizer, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
@@ -515,6 +516,7 @@ def read_rows(units, resolution, labelled_only, seed=None, skip=0, rank=0, world
             columns = pq.ParquetFile(path).read_row_group(group, columns=list(COLUMNS)).to_pydict()
             rows = range(n_rows)
             if seed is not None:
+                # one permutation per (seed, epoch, row group); the prime factors keep different triples apart
                 gen = torch.Generator().manual_seed(seed * 7919 + epoch * 104729 + u)
                 rows = torch.randperm(n_rows, generator=gen).tolist()
             for i in rows:
@@ -591,13 +593,14 @@ def denoised_pair(pipe, images_0, images_1, cond, uncond_1, t, generator, cfg_sc
     cond: the captions' conditioning (b rows), uncond_1: the negative one (1 row)."""
     latents = encode_images(pipe, torch.cat([images_0, images_1]), generator)  # (2b, c, h, w)
     tt = t.repeat(2)  # (2b,): both images of a pair at one t
-    noise = torch.randn(latents[:len(t)].shape, generator=generator, device=latents.device).repeat(2, 1, 1, 1)
+    noise = torch.randn((len(t), *latents.shape[1:]), generator=generator, device=latents.device)  # (b, c, h, w)
+    noise = noise.repeat(2, 1, 1, 1)  # (2b, c, h, w): pair p's two images get the same noise
     a = pipe.alphas_cumprod[tt].view(-1, 1, 1, 1)  # (2b, 1, 1, 1)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise  # the forward process q(x_t | x_0), one noise per pair
     rows = torch.arange(len(t)).repeat(2)  # both images of pair p see caption p
     eps = predict_noise(pipe.unet, x_t, tt, take(cond, rows), take(uncond_1, torch.zeros_like(rows)), cfg_scale)
     x0 = ddim_step(eps, tt, x_t, pipe.alphas_cumprod, 1, 0.0, pipe.prediction_type)[0]  # only x0: eta, step moot
-    return pipe.decode(x0).chunk(2)
+    return pipe.decode(x0).chunk(2)  # (b, 3, H, W) each: images_0's, then images_1's
 
 
 def training_pixels(model, images):
@@ -657,8 +660,8 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
     batch b) and sum their counts: the same numbers as one process."""
     device = model.device
     correct, count = {t: 0.0 for t in args.eval_timesteps}, 0
-    pixels = (args.resolution, args.resolution)
-    uncond = pipe.encode_negative(1, pixels) if pipe else None
+    size = (args.resolution, args.resolution)
+    uncond = pipe.encode_negative(1, size) if pipe else None
     rows = read_rows(units, args.resolution, True, rank=rank, world=world, block=args.batch_size, labeller=labeller)
     problem = []
 
@@ -672,7 +675,7 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
         counted = (l0 != 0.5) if labeller else torch.ones_like(l0, dtype=torch.bool)
         b = k * world + rank  # the batch's index in the whole validation set
         ids = model.tokenize(captions)
-        cond = pipe.encode_prompts(captions, pixels) if pipe else None
+        cond = pipe.encode_prompts(captions, size) if pipe else None
         for t in args.eval_timesteps:
             tt = torch.full((len(captions),), t, device=device)
             gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b * 1000 + t)
@@ -805,8 +808,8 @@ def train_command(args, rank=0, world=1):
         print(f"{sum(u[3] for u in train_units)} training pairs; {args.batch_size} pairs x {args.grad_accum} "
               f"accumulation x {world} {'rank' if world == 1 else 'ranks'} = "
               f"{args.batch_size * args.grad_accum * world} pairs per update; steps {step}..{args.max_steps}")
-    pixels = (args.resolution, args.resolution)
-    uncond = pipe.encode_negative(1, pixels)  # one row: the empty negative prompt of CFG
+    size = (args.resolution, args.resolution)
+    uncond = pipe.encode_negative(1, size)  # one row: the empty negative prompt of CFG
     # Each rank's share of one endless shuffled stream (epochs repeat): no rank ever runs out before another.
     rows = read_rows(train_units, args.resolution, False, seed=args.seed, skip=micro * args.batch_size * world,
                      rank=rank, world=world, labeller=labeller)
@@ -836,7 +839,7 @@ def train_command(args, rank=0, world=1):
                 # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
                 gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + micro * world + rank)
                 t = torch.randint(0, pipe.num_train_timesteps, (len(captions),), generator=gen, device=device)
-                x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions, pixels), uncond, t, gen, args.cfg)
+                x0, x1 = denoised_pair(pipe, im0, im1, pipe.encode_prompts(captions, size), uncond, t, gen, args.cfg)
                 sync = world == 1 or i == args.grad_accum - 1  # all-reduce the gradients on the last micro-batch only
                 with contextlib.nullcontext() if sync else scorer.no_sync():
                     with autocast:

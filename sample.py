@@ -61,6 +61,7 @@ def resolve_lora(spec):
             return found[0]
         raise UserError(f"--lora: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
     parts = spec.split("/")
+    # a missing path in a folder that exists (runs/sd15x) is a typo, not an owner/repo id
     if spec.startswith(("/", ".", "~")) or path.parent.exists() or len(parts) < 2:
         raise UserError(f"--lora: no such file or folder: {spec}")
     from huggingface_hub import hf_hub_download
@@ -154,6 +155,7 @@ def image_settings(args, prompt, seed, with_lora):
         if key not in ("sampler", "lora_mode") and value != "none":
             command += [f"--{key.replace('_', '-')}={value}"]  # "=" keeps a prompt that starts with "-" a value
     command += ["--merge"] if with_lora and args.merge else []
+    command += ["--random-init"] if args.random_init else []  # pretrained then names only the architecture
     return dict(settings, command=shlex.join(command))
 
 
@@ -247,6 +249,22 @@ def summarize(base, lora):
     wins = sum(1.0 if b < l else 0.5 if b == l else 0.0 for b, l in zip(base, lora))
     return dict(base_mean=sum(base) / len(base), lora_mean=sum(lora) / len(lora), lora_win_rate=wins / len(base),
                 win_rate_ci95=wilson_interval(wins, len(base)), pairs=len(base))
+
+
+def write_eval(args, jobs, base_scores, lora_scores, base_paths, lora_paths):
+    """eval.json: the settings, per scorer the means and the LoRA win rate, and every pair's scores."""
+    metrics = {name: summarize([s[name] for s in base_scores], [s[name] for s in lora_scores])
+               for name in ("pickscore", "spm")}
+    pairs = [dict(prompt=prompt, seed=seed, base=b, lora=l, base_image=bp.name, lora_image=lp.name)
+             for (_, prompt, seed), b, l, bp, lp in zip(jobs, base_scores, lora_scores, base_paths, lora_paths)]
+    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "prompt_list")}
+    report = dict(settings=settings, metrics=metrics, pairs=pairs)
+    atomic_write(Path(args.out) / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    for name, m in metrics.items():
+        lo, hi = m["win_rate_ci95"]
+        print(f"{name}: mean base {m['base_mean']:.4f}, LoRA {m['lora_mean']:.4f}; LoRA wins "
+              f"{100 * m['lora_win_rate']:.1f}% of {m['pairs']} pairs (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
+    print(f"eval written to {Path(args.out) / 'eval.json'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,22 +379,6 @@ def run(args):
         write_eval(args, jobs, base_scores, scores, base_paths, paths)
 
 
-def write_eval(args, jobs, base_scores, lora_scores, base_paths, lora_paths):
-    """eval.json: the settings, per scorer the means and the LoRA win rate, and every pair's scores."""
-    metrics = {name: summarize([s[name] for s in base_scores], [s[name] for s in lora_scores])
-               for name in ("pickscore", "spm")}
-    pairs = [dict(prompt=prompt, seed=seed, base=b, lora=l, base_image=bp.name, lora_image=lp.name)
-             for (_, prompt, seed), b, l, bp, lp in zip(jobs, base_scores, lora_scores, base_paths, lora_paths)]
-    settings = {k: v for k, v in vars(args).items() if k not in ("prompt", "prompts", "prompt_list")}
-    report = dict(settings=settings, metrics=metrics, pairs=pairs)
-    atomic_write(Path(args.out) / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    for name, m in metrics.items():
-        lo, hi = m["win_rate_ci95"]
-        print(f"{name}: mean base {m['base_mean']:.4f}, LoRA {m['lora_mean']:.4f}; LoRA wins "
-              f"{100 * m['lora_win_rate']:.1f}% of {m['pairs']} pairs (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)")
-    print(f"eval written to {Path(args.out) / 'eval.json'}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line: flags, their checks, and main.
 
@@ -466,6 +468,9 @@ def validate(args):
         (args.scheduler == "ddim" or args.eta == 0, "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
         (args.scheduler == "ddim" or not args.random_init,
          "--scheduler checkpoint needs a checkpoint's scheduler: --random-init has none"),
+        (not (args.random_init and (args.score or args.eval)),
+         "--random-init draws random weights to time sampling: --score and --eval would judge noise with "
+         "downloaded scorers"),
         # more steps than training steps would repeat t = 1
         (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),

@@ -11,8 +11,9 @@ Per batch of prompts, SPO does two phases:
             decoded x0-predictions, at their own noise level), pick_win_lose keeps the best and the worst when
             they differ enough, and the chain continues from a random member of the pool. (SDXL: each candidate
             first takes `num_inner_step` more steps of its own, and all of them become pairs.)
-  TRAINING  spo_loss on each kept (x_t, winner, loser): a DPO-style loss on the clipped likelihood ratios of
-            the two children under the policy (UNet + LoRA) and the frozen reference (the same UNet, LoRA off).
+  TRAINING  spo_loss on each kept (x_t, winner, loser): a DPO-style loss on the clipped per-element likelihood
+            ratios of the two children under the policy (UNet + LoRA) and the frozen reference (the same UNet,
+            LoRA off).
 The math matches the authors' code (checked against their vectors in ../shared/golden, see test_spo.py).
 """
 import argparse
@@ -57,7 +58,7 @@ class Config:
     out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
     resume: bool = False  # continue the run in --out from its newest checkpoint
     overwrite: bool = False  # replace an existing run in --out
-    init_lora: str = None  # start from an existing LoRA file
+    init_lora: str = None  # start from an existing LoRA file; the reference stays the base model (LoRA off)
     preference: str = "spm"  # spm | pickscore (the paper's ablation: no step awareness)
     preference_model: str = None  # SPM's CLIP base (hub id or folder); default from the preset
     preference_processor: str = None  # SPM's processor/tokenizer; default from the preset
@@ -66,9 +67,9 @@ class Config:
     seed: int = 42  # the LoRA init, and every prompt order, noise and shuffle of the run (derived_seed)
     resolution: int = None  # pixels; default from the preset (512 for sd15)
     steps: int = 20  # DDIM steps
-    eta: float = 1.0  # DDIM eta: 1 makes each step a Gaussian whose likelihood SPO can compare
+    eta: float = 1.0  # DDIM eta in (0, 1]: > 0 makes each step a Gaussian with a likelihood; 1 as the official run
     cfg: float = 5.0  # classifier-free guidance scale, in sampling and in training
-    divert_start_step: int = 4  # first step that draws a candidate pool; earlier steps are plain DDIM
+    divert_start_step: int = 4  # first step that draws a pool (4 of 20: t = 751, the noisiest step trained)
     k: int = 4  # candidates per pool
     num_inner_step: int = 0  # steps each candidate takes on its own before the pool is judged
     pool_at_last_step: bool = True  # SD1.5 reference: the last step draws a pool; SDXL: it joins the last chunk
@@ -82,7 +83,7 @@ class Config:
     sample_batch_size: int = 10  # prompts per batch
     train_batch_size: int = 10  # pairs per micro-batch, per GPU
     grad_accum: int = 1  # micro-batches per optimizer step, counted across prompt batches as the official run
-    max_grad_norm: float = 1.0  # as the official config, whose clip call never runs: 0 (no clipping) reproduces it
+    max_grad_norm: float = 1.0  # the official config's; its clip call gets a used-up iterator: 0 reproduces that
     precision: str = None  # fp16 | bf16 | fp32 for the frozen weights; default fp16 on CUDA, fp32 on CPU
     preference_precision: str = "fp32"  # the judge's weights (its timestep embedding stays fp32); official: fp32
     compile: bool = None  # torch.compile the UNet; default on for CUDA, off for CPU
@@ -140,9 +141,6 @@ def pick_win_lose(scores, threshold):
     return win, lose, p[0] - p[1] > threshold
 
 
-COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
-
-
 def pool_steps(cfg):
     """Indices of the steps that draw a candidate pool: from divert_start_step on, every (num_inner_step + 1)-th
     step, for SD1.5 (num_inner_step 0) every step. The SDXL reference never starts a pool at the last step: steps
@@ -186,24 +184,22 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
         p = torch.arange(b, device=device)
         for parents, children, t in chunk:  # each (k, b, c, h, w), and the parents' timestep
             kept.append(dict(x_t=parents[win, p], x_t_lose=parents[lose, p], t=t.expand(b), win=children[win, p],
-                             lose=children[lose, p], valid=valid, **take(cond, p)))
+                             lose=children[lose, p], valid=valid, **cond))
 
     x = randn(b, unet.config.in_channels, size, size)
     pool = chunk = None  # the candidates (k, b, c, h, w), and the transitions that led to them since the last pool
     for i, t in enumerate(timesteps):
-        if i < cfg.divert_start_step:  # plain stochastic DDIM on one trajectory per prompt
+        if i <= cfg.divert_start_step:  # one trajectory per prompt, up to the first pool
             eps = predict_noise(unet, x, t.expand(b), cond, uncond, cfg.cfg)
-            _, _, mean, std = step(eps, t, x)
-            x = mean + std.view(-1, 1, 1, 1) * randn(b, *x.shape[1:])
-            continue
-        if i == cfg.divert_start_step:  # the first pool: k children of each prompt's x_t
-            eps = predict_noise(unet, x, t.expand(b), cond, uncond, cfg.cfg)
-            _, _, mean, std = step(eps, t, x)
+            _, mean, std = step(eps, t, x)
+            if i < cfg.divert_start_step:  # plain stochastic DDIM
+                x = mean + std.view(-1, 1, 1, 1) * randn(b, *x.shape[1:])
+                continue
         else:
             # One UNet pass over the whole pool gives each member's next step and its x0-prediction at t.
             flat = pool.flatten(0, 1)  # (k, b, c, h, w) -> (k * b, c, h, w)
             eps = predict_noise(unet, flat, t.expand(k * b), take(cond, members), take(uncond, members), cfg.cfg)
-            x0, _, mean, std = step(eps, t, flat)
+            x0, mean, std = step(eps, t, flat)
             if i not in pools:  # an inner step (SDXL): every member goes on by itself
                 children = (mean + std.view(-1, 1, 1, 1) * randn(k * b, *flat.shape[1:])).view(pool.shape)
                 chunk.append((pool, children, t))
@@ -211,8 +207,9 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
                 continue
             # The step-aware preference model judges the decoded x0-predictions at the members' own timestep t.
             judge(pipe.decode(x0), t, chunk)
-            # Continue from a uniformly random member, not the winner (as the official code), reusing its noise
-            # prediction to draw the next pool.
+            # The step-wise resampler: continue from a uniformly random member, not the winner (as the official
+            # code), so the chain keeps following the model's own distribution instead of the judge's choices.
+            # The member's noise prediction is reused to draw the next pool.
             idx = torch.randint(0, k, (b,), generator=generator, device=device)
             pick = idx * b + torch.arange(b, device=device)  # flat index of member idx[p] of prompt p
             x, mean, std = flat[pick], mean[pick], std[pick]
@@ -244,20 +241,22 @@ def make_score_fn(scorer, prompts, k):
 # TRAINING: the SPO loss on the kept pairs.
 
 
+COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
+
+
 def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
-    """log p(winner | x_t) and log p(loser | x_t_lose) under the policy (with grad) and the reference (no grad).
-    policy and reference are the same UNet; policy may be its DistributedDataParallel wrapper. uncond_1: the
-    negative conditioning, one row."""
+    """(logp_w, logp_l, logp_ref_w, logp_ref_l), each (n,): log p(winner | x_t) and log p(loser | x_t_lose) under
+    the policy (with grad) and the reference (no grad). policy and reference are the same UNet; policy may be its
+    DistributedDataParallel wrapper. uncond_1: the negative conditioning, one row."""
     n = len(pairs["t"])
     # Deliberate difference from the official code, same math: where winner and loser share x_t (every pair of
     # SD1.5, the first of each SDXL chunk), one forward serves both (the official code runs two). Inner SDXL
     # transitions have a parent each, and the loser's gets its own row.
-    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1)  # (n,): losers with a parent of their own
+    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1).nonzero()[:, 0]  # (n_own,): such losers
     x_t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]])  # (n + n_own, c, h, w): the UNet's input rows
-    rows = torch.cat([torch.arange(n, device=own.device), own.nonzero()[:, 0]])  # the pair behind each row
-    win_row = torch.arange(n, device=own.device)
-    lose_row = win_row.clone()
-    lose_row[own] = n + torch.arange(int(own.sum()), device=own.device)
+    rows = torch.cat([torch.arange(n, device=own.device), own])  # (n + n_own,): the pair behind each row
+    lose_row = torch.arange(n, device=own.device)  # (n,): the row each loser steps from; winners use rows :n
+    lose_row[own] = torch.arange(n, len(rows), device=own.device)
     t, cond = pairs["t"][rows], {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
     uncond = take(uncond_1, torch.zeros_like(rows))
     step_ratio = pipe.num_train_timesteps // cfg.steps
@@ -265,18 +264,22 @@ def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
     with torch.no_grad(), lora_disabled(reference):
         eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
-    _, _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
-    _, _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
+    _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     lp = lambda child, m, row: ddim_log_prob(child, m[row], std[row])  # std depends on t only: the reference's too
+    win_row = slice(0, n)
     return (lp(pairs["win"], mean, win_row), lp(pairs["lose"], mean, lose_row),
             lp(pairs["win"], mean_ref, win_row), lp(pairs["lose"], mean_ref, lose_row))
 
 
 def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
-    """The step-wise DPO objective of SPO: -log sigmoid(beta * (log r_w - log r_l)), r = p_policy / p_ref.
+    """The step-wise DPO objective of SPO: -log sigmoid(beta * (log r_w - log r_l)), r = exp(logp - logp_ref).
+    Each logp is a MEAN over C, H, W (golden README N1), so r is a per-element likelihood ratio, not
+    p_policy / p_ref of the whole latent.
 
-    As in the official code the ratios are clamped to [1 - eps, 1 + eps] on both sides (no PPO min), so a
-    clamped side has zero gradient and |beta * (log r_w - log r_l)| stays small enough for log(sigmoid(.))."""
+    As in the official code both ratios are clamped to [1 - eps, 1 + eps] (no PPO min): a side whose policy has
+    left that band around the frozen reference gets zero gradient, and |beta * (log r_w - log r_l)| <= 2.01 keeps
+    log(sigmoid(.)) safe (N5)."""
     ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
     ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
     loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
@@ -451,7 +454,7 @@ def setup_models(cfg, scorer=None, world=1):
         pipe.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    # pipe.unet stays the uncompiled handle (saving, LoRA switching). Sampling and the reference need no
+    # pipe.unet stays the uncompiled handle (for saving the LoRA). Sampling and the reference need no
     # gradient sync; the policy forward of training goes through DDP, which all-reduces only the LoRA gradients.
     # fullgraph: the UNet with its LoRA, on or off, traces as one graph (a test checks SD1.5's and SDXL's layouts),
     # so a break that a library update brings fails here instead of slowing every step in silence.

@@ -271,7 +271,7 @@ DDIM = load_file(str(GOLDEN / "ddim.safetensors")) if GOLDEN.exists() else {}
 def test_ddim_log_prob_and_gradient_equal_official(dtype, policy):
     g, p = DDIM, dtype + "_"
     model_output = g[p + "model_output"].clone().requires_grad_(True)
-    x0, _, mean, std = D.ddim_step(model_output, g["timestep"], g[p + "sample"], g["alphas_cumprod"], 50, 1.0)
+    x0, mean, std = D.ddim_step(model_output, g["timestep"], g[p + "sample"], g["alphas_cumprod"], 50, 1.0)
     log_prob = D.ddim_log_prob(g[p + "prev_sample_" + policy], mean, std)
     (grad,) = torch.autograd.grad(log_prob.sum(), model_output)
     # Coefficients formed in float32 as the official code does: equal to the last bit, f64 included (N4).
@@ -296,7 +296,7 @@ def test_ddim_step_eta0_equals_diffusers(prediction_type):
     for i, t in enumerate(g["timestep"].tolist()):
         x_t, out = g["f32_sample"][i:i + 1], g["f32_model_output"][i:i + 1]
         expected = sched.step(out, t, x_t, eta=0.0).prev_sample
-        _, _, mean, std = D.ddim_step(out, torch.tensor([t]), x_t, sched.alphas_cumprod, 50, 0.0, prediction_type)
+        _, mean, std = D.ddim_step(out, torch.tensor([t]), x_t, sched.alphas_cumprod, 50, 0.0, prediction_type)
         assert std.item() == 0
         torch.testing.assert_close(mean, expected, rtol=1e-5, atol=1e-6, msg=f"t={t}: DDIM step != diffusers")
 
@@ -513,7 +513,7 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(D.lora_disabled(unet))
                 eps = D.predict_noise(unet, parent, pairs["t"], {"text": pairs["text"]}, D.take(uncond, [0] * n), cfg.cfg)
-                _, _, mean, std = D.ddim_step(eps, pairs["t"], parent, pipe.alphas_cumprod, 125, 1.0)
+                _, mean, std = D.ddim_step(eps, pairs["t"], parent, pipe.alphas_cumprod, 125, 1.0)
                 return D.ddim_log_prob(child, mean, std)
 
         terms = [log_prob(side, ref) for ref in (False, True) for side in ("win", "lose")]
@@ -1144,7 +1144,7 @@ def sdxl_reference_replay(pipe, cond, uncond, score_fn, cfg, generator):
     for i, t in enumerate(timesteps):
         rows = torch.arange(len(x)) % b  # candidate j of prompt p sits at row j * b + p
         eps = D.predict_noise(pipe.unet, x, t.expand(len(x)), D.take(cond, rows), D.take(uncond, rows), cfg.cfg)
-        x0, _, mean, std = step(eps, t, x)
+        x0, mean, std = step(eps, t, x)
         std = std.view(-1, 1, 1, 1)
         if (i >= cfg.divert_start_step and inner_left == 0) or i == len(timesteps) - 1:
             inner_left = n_inner
@@ -2053,6 +2053,19 @@ def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
     assert Image.open(second).tobytes() == Image.open(first).tobytes(), "the PNG's own command made another image"
 
 
+def test_a_random_init_png_remakes_itself(tmp_path):
+    """--random-init weights come from a fixed seed, and the PNG's command says --random-init (it once left it out,
+    and the command loaded the real model)."""
+    from PIL import Image
+
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    sample.main(["--model", "tiny", "--random-init", "--prompt", "a red cat", "--steps", "2", "--out", str(first)])
+    command = shlex.split(Image.open(first).text["command"])
+    assert "--random-init" in command
+    sample.main(command[2:] + ["--out", str(second)])
+    assert Image.open(second).tobytes() == Image.open(first).tobytes(), "the PNG's own command made another image"
+
+
 def test_png_text_round_trips_any_text(tmp_path):
     from PIL import Image
 
@@ -2115,6 +2128,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--steps", "2000"], "--steps must be <= 1000"),
     (["--scheduler", "checkpoint", "--eta", "1"], "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
     (["--scheduler", "checkpoint", "--random-init"], "--random-init has none"),
+    (["--random-init", "--score"], "--score and --eval would judge noise with downloaded scorers"),
     (["--merge", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),
     (["--export-webui", "{bad}"], "--export-webui must name a .safetensors file"),
     (["--out", "{bad}/unknown.safetensors"], "is a file, not a folder"),

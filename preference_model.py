@@ -643,12 +643,16 @@ def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
 
 
 def lr_factor(step, warmup, total):
-    """The reference's DeepSpeed WarmupDecayLR: a *logarithmic* warmup over `warmup` optimizer steps (its
-    default warmup_type), then linear decay to 0 at `total`. Here step k uses the factor of k, so step 0 has lr 0;
-    DeepSpeed steps its scheduler after the update, so there step 0 runs at the full lr and step k at k - 1's."""
-    if step < warmup:
-        return math.log(step + 1) / math.log(max(2, warmup))
-    return max(0.0, (total - step) / max(1, total - warmup))
+    """The learning rate of optimizer update `step` (from 0), as a fraction of --lr, as the reference's DeepSpeed
+    WarmupDecayLR sets it: a *logarithmic* warmup log(i + 1) / log(warmup) over iterations i < warmup (its default
+    warmup_type), then linear decay (total - i) / (total - warmup) to 0. The scheduler starts at its minimum, 0,
+    and steps after each update, so update k runs at iteration i = k - 1 (updates 0 and 1 both at lr 0)."""
+    i = step - 1
+    if i < 0:
+        return 0.0
+    if i < warmup:
+        return math.log(i + 1) / math.log(max(2, warmup))
+    return max(0.0, (total - i) / max(1, total - warmup))
 
 
 @torch.no_grad()

@@ -2526,10 +2526,13 @@ def test_preference_loss_equals_hand_computation():
 
 
 def test_lr_schedule_is_log_warmup_then_linear_decay():
-    assert pm.lr_factor(0, 500, 8000) == 0
-    assert abs(pm.lr_factor(99, 500, 8000) - math.log(100) / math.log(500)) < 1e-12
-    assert pm.lr_factor(500, 500, 8000) == 1 and pm.lr_factor(4250, 500, 8000) == 0.5
-    assert pm.lr_factor(8000, 500, 8000) == 0
+    """DeepSpeed's WarmupDecayLR (deepspeed/runtime/lr_schedules.py, 0.12.3 as the reference pins): built with
+    last_batch_iteration = -1 it sets the optimizer to warmup_min_lr (0); the engine calls step() after every
+    update, which sets the lr of iteration i = 0, 1, ...: so update k runs at iteration k - 1's gamma."""
+    assert pm.lr_factor(0, 500, 8000) == pm.lr_factor(1, 500, 8000) == 0  # the minimum, then log(1) = 0
+    assert abs(pm.lr_factor(100, 500, 8000) - math.log(100) / math.log(500)) < 1e-12  # iteration 99
+    assert pm.lr_factor(499, 500, 8000) < 1 and pm.lr_factor(501, 500, 8000) == 1  # iteration 500: decay starts
+    assert pm.lr_factor(4251, 500, 8000) == 0.5 and pm.lr_factor(8001, 500, 8000) == 0
 
 
 def test_trained_checkpoint_drives_a_tiny_spo_run(trained, tmp_path):

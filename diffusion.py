@@ -661,6 +661,7 @@ class LoRALinear(nn.Module):
         self.lora.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)  # (out, r)
         nn.init.normal_(self.lora.down.weight, std=1 / rank)  # PEFT's "gaussian" init
         nn.init.zeros_(self.lora.up.weight)  # zero up: training starts exactly at the base model
+        self.initial = None  # spo.py's reference LoRA weights (down, up) when training starts from a LoRA
 
     def forward(self, x):
         y = self.base(x)

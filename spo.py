@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
-                       ddim_step, ddim_timesteps, finite_float, holds_files, inject_lora, load_lora,
+                       ddim_step, ddim_timesteps, finite_float, holds_files, inject_lora, load_lora, lora_layers,
                        load_optimizer_state, load_safetensors, lora_disabled, output_problem, predict_noise, read_json,
                        read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, save_grid, save_lora,
                        setup_distributed, take)
@@ -58,7 +58,7 @@ class Config:
     out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
     resume: bool = False  # continue the run in --out from its newest checkpoint
     overwrite: bool = False  # replace an existing run in --out
-    init_lora: str = None  # start from an existing LoRA file; the reference stays the base model (LoRA off)
+    init_lora: str = None  # start from an existing LoRA file; it is then also the reference (as_reference)
     preference: str = "spm"  # spm | pickscore (the paper's ablation: no step awareness)
     preference_model: str = None  # SPM's CLIP base (hub id or folder); default from the preset
     preference_processor: str = None  # SPM's processor/tokenizer; default from the preset
@@ -244,6 +244,36 @@ def make_score_fn(scorer, prompts, k):
 COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
 
 
+@contextlib.contextmanager
+def as_reference(unet):
+    """Inside, the UNet is DPO's reference: the model training started from. That is the base model, the LoRA
+    switched off; after --init-lora it is the base plus that LoRA, whose weights keep_as_reference stored in each
+    layer: they are copied in, and the trained ones back on exit."""
+    layers = lora_layers(unet)
+    if layers[0].initial is None:
+        with lora_disabled(unet):
+            yield
+        return
+    trained = [(m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone()) for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.lora.down.weight.copy_(m.initial[0])
+                m.lora.up.weight.copy_(m.initial[1])
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (down, up) in zip(layers, trained):
+                m.lora.down.weight.copy_(down)
+                m.lora.up.weight.copy_(up)
+
+
+def keep_as_reference(unet):
+    """Store the LoRA's current (--init-lora) weights in each layer as the reference's, for as_reference."""
+    for m in lora_layers(unet):
+        m.initial = (m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone())
+
+
 def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     """(logp_w, logp_l, logp_ref_w, logp_ref_l), each (n,): log p(winner | x_t) and log p(loser | x_t_lose) under
     the policy (with grad) and the reference (no grad). policy and reference are the same UNet; policy may be its
@@ -260,10 +290,11 @@ def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     t, cond = pairs["t"][rows], {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
     uncond = take(uncond_1, torch.zeros_like(rows))
     step_ratio = pipe.num_train_timesteps // cfg.steps
-    eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
-    # The reference is the same UNet with the LoRA switched off, not a second UNet in memory.
-    with torch.no_grad(), lora_disabled(reference):
+    # The reference is the same UNet (LoRA off, or at --init-lora's weights), not a second UNet in memory. It runs
+    # first: as_reference may swap LoRA weights that the policy's backward would still need.
+    with torch.no_grad(), as_reference(reference):
         eps_ref = predict_noise(reference, x_t, t, cond, uncond, cfg.cfg)
+    eps = predict_noise(policy, x_t, t, cond, uncond, cfg.cfg)
     _, mean, std = ddim_step(eps, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     _, mean_ref, _ = ddim_step(eps_ref, t, x_t, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     lp = lambda child, m, row: ddim_log_prob(child, m[row], std[row])  # std depends on t only: the reference's too
@@ -450,6 +481,7 @@ def setup_models(cfg, scorer=None, world=1):
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
         load_lora(pipe.unet, cfg.init_lora)
+        keep_as_reference(pipe.unet)  # before --resume loads a checkpoint's LoRA over it
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:

@@ -1425,6 +1425,26 @@ def test_pickled_optimizer_state_is_refused_on_resume(tiny_run, tmp_path, capsys
     assert not marker.exists(), "the checkpoint's code ran"
 
 
+def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(tiny_run, tmp_path):
+    """DPO's reference is the model training starts from: with --init-lora, the base plus that LoRA, so the first
+    ratios are exactly 1 (against the base model, a trained LoRA would start off 1 and often clamped). The trained
+    LoRA is what is saved, and a resumed run keeps the init LoRA, not the checkpoint's, as its reference."""
+    init = tiny_run / "pytorch_lora_weights.safetensors"
+    flags = FAST[:-1] + ["1", "--init-lora", str(init), "--lr", "1e-2"]
+    spo.main(flags + ["--out", str(tmp_path / "full")])
+    first = [r for r in records(tmp_path / "full") if "loss" in r][0]
+    assert first["ratio_win"] == first["ratio_lose"] == 1.0, first
+    trained, start = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors")), load_file(str(init))
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "the trained LoRA must be saved, not the init"
+    spo.main(flags + ["--out", str(tmp_path / "cut"), "--save-every", "1"])
+    checkpoints = sorted((tmp_path / "cut" / "checkpoints").iterdir(), key=lambda d: d.stat().st_mtime)
+    assert len(checkpoints) == 2
+    shutil.rmtree(checkpoints[-1])  # as if killed after the first prompt batch
+    spo.main(flags + ["--out", str(tmp_path / "cut"), "--resume"])
+    resumed = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained), "the resumed run must end where the full one does"
+
+
 def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
     cut = tmp_path / "cut.safetensors"
     data = (tiny_run / "pytorch_lora_weights.safetensors").read_bytes()

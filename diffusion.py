@@ -424,8 +424,12 @@ ARCHITECTURES = {
 def seeded_weights(device):
     """Random weights drawn from seed 0, the caller's RNG state untouched: every torchrun rank, a resumed run and
     a PNG's own command build the same random-init model."""
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(0)
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):  # restores the CPU's and this device's RNG
+        torch.default_generator.manual_seed(0)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)  # this device's generator only
         yield
 
 
@@ -691,8 +695,8 @@ def lora_layers(unet):
 
 @contextlib.contextmanager
 def lora_disabled(unet):
-    """`with lora_disabled(unet):` runs the frozen base model, which is the SPO reference: with the LoRA branch
-    off, every LoRALinear is exactly its base Linear."""
+    """`with lora_disabled(unet):` runs the frozen base model, which is the SPO reference unless training started
+    from a LoRA (spo.as_reference): with the LoRA branch off, every LoRALinear is exactly its base Linear."""
     layers = lora_layers(unet)
     for m in layers:
         m.enabled = False

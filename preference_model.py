@@ -279,9 +279,9 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = write_tiny_tokenizer(Path(tempfile.mkdtemp()), pad_token="!", max_length=77)
-    with torch.device(device), seeded_weights(device):
-        clip = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
-    model = classes[kind](clip, tokenizer, 224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.device(device), seeded_weights(device):  # the time conditioning's MLP too
+        model = classes[kind](CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE)), tokenizer, 224, OPENAI_CLIP_MEAN,
+                              OPENAI_CLIP_STD)
     return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
 
 
@@ -484,8 +484,8 @@ def check_row(row, where):
     if row["has_label"] and sum(labels) != 1:
         raise UserError(f"{where}: labels ({labels[0]}, {labels[1]}) must sum to 1: (1, 0), (0, 1) or (0.5, 0.5)")
     n = row["num_example_per_prompt"]
-    if not isinstance(n, (int, float)) or not n >= 1:  # a string or None: a shard of another format
-        raise UserError(f"{where}: num_example_per_prompt must be a number >= 1, got {n!r}")
+    if not isinstance(n, (int, float)) or not 1 <= n <= 2**24:  # a string or None: a shard of another format
+        raise UserError(f"{where}: num_example_per_prompt must be a count in [1, 2^24], got {n!r}")
     if not isinstance(row["caption"], str):
         raise UserError(f"{where}: caption must be a string, got {row['caption']!r}")
 
@@ -644,14 +644,16 @@ def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
 
 def lr_factor(step, warmup, total):
     """The learning rate of optimizer update `step` (from 0), as a fraction of --lr, as the reference's DeepSpeed
-    WarmupDecayLR sets it: a *logarithmic* warmup log(i + 1) / log(warmup) over iterations i < warmup (its default
-    warmup_type), then linear decay (total - i) / (total - warmup) to 0. The scheduler starts at its minimum, 0,
-    and steps after each update, so update k runs at iteration i = k - 1 (updates 0 and 1 both at lr 0)."""
+    0.12.3 WarmupDecayLR sets it: a *logarithmic* warmup log(i + 1) / log(warmup) over iterations i < warmup (its
+    default warmup_type), then linear decay (total - i) / (total - warmup) towards 0. The scheduler steps after
+    each update, so update k >= 1 runs at iteration i = k - 1; update 0 runs at the optimizer's own lr, as that
+    version sets none before its first step (later ones start at the minimum, 0)."""
+    warmup = max(2, warmup)  # as DeepSpeed
+    if step == 0:
+        return 1.0
     i = step - 1
-    if i < 0:
-        return 0.0
     if i < warmup:
-        return math.log(i + 1) / math.log(max(2, warmup))
+        return math.log(i + 1) / math.log(warmup)
     return max(0.0, (total - i) / max(1, total - warmup))
 
 
@@ -838,6 +840,7 @@ def train_command(args, rank=0, world=1):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = weight_sum = 0.0  # of this rank's pairs in the update
+            pairs = args.batch_size * args.grad_accum  # a fixed divisor keeps fp16 backward values at loss size
             for i in range(args.grad_accum):
                 captions, im0, im1, l0, l1, n = next(data)
                 # Seeded by the micro-batch's index over all ranks: ranks draw differently, resume draws the same.
@@ -849,14 +852,14 @@ def train_command(args, rank=0, world=1):
                     with autocast:
                         s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
                     weighted, weights = preference_loss(s0, s1, l0, l1, n)
-                    scaler.scale(weighted).backward()  # the unnormalised sum: normalised once the update is whole
+                    scaler.scale(weighted / pairs).backward()  # normalised once the update is whole
                 loss_sum, weight_sum = loss_sum + weighted.item(), weight_sum + weights.item()
                 micro += 1
             loss_sum, weight_sum = all_ranks_sum([loss_sum, weight_sum], world)
             scaler.unscale_(optimizer)
-            # DDP averaged the ranks' sums of w * gradient; the reference's loss is sum(w * loss) / sum(w) over the
-            # pairs of every rank and micro-batch (one all-gathered batch), so: times world, over all the weights.
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], world / weight_sum)
+            # DDP averaged the ranks' sums of w * gradient / pairs; the reference's loss is sum(w * loss) / sum(w)
+            # over the pairs of every rank and micro-batch (one all-gathered batch): times world * pairs / sum(w).
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], world * pairs / weight_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             record = dict(step=step + 1, loss=loss_sum / weight_sum, lr=lr, grad_norm=grad_norm)
             if math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced

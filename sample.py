@@ -148,14 +148,16 @@ def image_settings(args, prompt, seed, with_lora):
                     sampler=args.sampler_name, model=args.model,
                     pretrained=args.pretrained, vae=args.vae or "none", lora="none", precision=args.precision,
                     device=args.device)
+    if args.random_init:  # pretrained then names only the architecture
+        settings.update(weights="random-init")
     if with_lora:
         settings.update(lora=args.lora, lora_scale=args.lora_scale, lora_mode="merged" if args.merge else "applied")
     command = ["python", "sample.py"]
-    for key, value in settings.items():  # every setting but these two is the flag of the same name
-        if key not in ("sampler", "lora_mode") and value != "none":
+    for key, value in settings.items():  # every setting but these three is the flag of the same name
+        if key not in ("sampler", "lora_mode", "weights") and value != "none":
             command += [f"--{key.replace('_', '-')}={value}"]  # "=" keeps a prompt that starts with "-" a value
     command += ["--merge"] if with_lora and args.merge else []
-    command += ["--random-init"] if args.random_init else []  # pretrained then names only the architecture
+    command += ["--random-init"] if args.random_init else []
     return dict(settings, command=shlex.join(command))
 
 

@@ -13,7 +13,7 @@ Per batch of prompts, SPO does two phases:
             first takes `num_inner_step` more steps of its own, and all of them become pairs.)
   TRAINING  spo_loss on each kept (x_t, winner, loser): a DPO-style loss on the clipped per-element likelihood
             ratios of the two children under the policy (UNet + LoRA) and the frozen reference (the same UNet,
-            LoRA off).
+            LoRA off, or at --init-lora's weights).
 The math matches the authors' code (checked against their vectors in ../shared/golden, see test_spo.py).
 """
 import argparse

@@ -149,7 +149,7 @@ def pool_steps(cfg):
     return list(range(cfg.divert_start_step, end, cfg.num_inner_step + 1))
 
 
-def sampling_unet_calls(cfg):
+def sampling_unet_samples(cfg):
     """UNet samples (CFG-batched) per prompt: one per step up to the first pool, then one per pool member."""
     return cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
 
@@ -561,7 +561,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     n_batches = math.ceil(math.ceil(len(prompts) / world) / b)  # ranks get equal shares (rank_prompts)
     if main_rank:
         print(f"{len(prompts)} prompts; per epoch {n_batches} batches of {b} prompts on each of {world} ranks; "
-              f"{cfg.epochs} epochs\nper prompt: {sampling_unet_calls(cfg)} sampling UNet calls (CFG-batched), "
+              f"{cfg.epochs} epochs\nper prompt: {sampling_unet_samples(cfg)} sampling UNet samples (CFG-batched), "
               f"{cfg.k * len(pool_steps(cfg))} VAE decodes and preference scores, at most "
               f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")
 
@@ -738,7 +738,7 @@ def benchmark(cfg):
         print(f"{name:<28}{sec.get(name, 0):>10.4f}{sec.get(name, 0) / total:>8.1%}")
     print(f"{'total':<28}{total:>10.4f}")
     per_prompt = lambda name: timer.items.get(name, 0) / prompts_timed
-    print(f"per prompt: {sampling_unet_calls(cfg)} sampling UNet samples (CFG-batched), "
+    print(f"per prompt: {sampling_unet_samples(cfg)} sampling UNet samples (CFG-batched), "
           f"{per_prompt('VAE decode'):.0f} VAE decodes, "
           f"{per_prompt('preference model'):.0f} preference image and "
           f"{per_prompt('preference text'):.0f} text forwards, "

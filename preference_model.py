@@ -853,7 +853,8 @@ def train_command(args, rank=0, world=1):
                         s0, s1 = scorer(x0, x1, model.tokenize(captions), t)
                     weighted, weights = preference_loss(s0, s1, l0, l1, n)
                     scaler.scale(weighted / pairs).backward()  # normalised once the update is whole
-                loss_sum, weight_sum = loss_sum + weighted.item(), weight_sum + weights.item()
+                sums = torch.stack([weighted.detach(), weights.float()]).tolist()  # one transfer
+                loss_sum, weight_sum = loss_sum + sums[0], weight_sum + sums[1]
                 micro += 1
             loss_sum, weight_sum = all_ranks_sum([loss_sum, weight_sum], world)
             scaler.unscale_(optimizer)

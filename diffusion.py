@@ -655,7 +655,8 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projectio
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * up(down(x)). The frozen base Linear is kept untouched, so switching the
-    branch off gives back the base model exactly: that is how spo.py gets its frozen reference."""
+    branch off gives back the base model exactly: that is how spo.py gets its frozen reference, unless training
+    started from a LoRA (--init-lora: spo.as_reference copies that LoRA's weights in)."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()

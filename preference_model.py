@@ -732,7 +732,8 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
 
 def train_command(args, rank=0, world=1):
     """Train on one rank of `world` (torchrun): each rank reads its own share of the pairs (read_rows), the
-    gradients are averaged over ranks (DDP) on the last micro-batch of each accumulation group, every rank runs
+    gradients are all-reduced over ranks (DDP) on the last micro-batch of each accumulation group and rescaled to
+    those of sum(w * loss) / sum(w) over every rank's and micro-batch's pairs (preference_loss), every rank runs
     the same optimizer steps, and only rank 0 writes files. Returns the SPM, or None when a signal stopped the run."""
     out, main_rank = Path(args.out), rank == 0
     train_units = row_groups(find_shards(args.data, SPLITS["train"]))

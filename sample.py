@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -131,6 +132,8 @@ def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prom
         try:
             latents = checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generators)
         except (AttributeError, TypeError, ValueError, IndexError) as err:  # a scheduler that needs another loop
+            if not any("schedulers" in Path(f.filename).parts for f in traceback.extract_tb(err.__traceback__)):
+                raise  # raised outside diffusers' schedulers: a bug of ours keeps its traceback
             raise UserError(f"--scheduler checkpoint: {type(scheduler).__name__} cannot sample {steps} steps in this "
                             f"loop ({type(err).__name__}: {err})") from None
     return pipe.decode(latents)

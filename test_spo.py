@@ -1714,6 +1714,24 @@ def test_scheduler_checkpoint_samples_as_diffusers_pipeline_with_the_checkpoints
         assert (pixels - expected[0]).abs().max() <= 1.01 / 127.5, f"the PNG should hold the {name} image"
 
 
+def test_scheduler_checkpoint_names_the_scheduler_only_for_its_own_errors(monkeypatch):
+    """A scheduler that cannot run in our loop is one line naming it; an error raised outside diffusers'
+    schedulers (a bug of ours, here in the guidance) keeps its own type and traceback."""
+    pipe = D.Pipeline("tiny", ddim=False)
+    in_a_scheduler = {}  # a function whose code lives in a file of a "schedulers" folder, as diffusers' do
+    exec(compile("def step(*args, **kwargs):\n    raise ValueError('needs another loop')\n",
+                 str(Path("diffusers", "schedulers", "scheduling_fake.py")), "exec"), in_a_scheduler)
+    monkeypatch.setattr(pipe.scheduler, "step", in_a_scheduler["step"])
+    with pytest.raises(UserError, match="cannot sample 2 steps in this loop .ValueError: needs another loop"):
+        sample.generate(pipe, ["a cat"], [0], 2, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+
+    def guidance_with_a_bug(*args):
+        raise TypeError("ours")
+    monkeypatch.setattr(sample, "predict_noise", guidance_with_a_bug)
+    with pytest.raises(TypeError, match="ours"):
+        sample.generate(pipe, ["a cat"], [0], 2, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+
+
 # ---- LoRA files: every layout, applied or merged ----
 
 

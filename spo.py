@@ -170,6 +170,7 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     step = lambda eps, t, x: ddim_step(eps, t, x, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     randn = lambda *shape: torch.randn(shape, generator=generator, device=device)
     members = torch.arange(b, device=device).repeat(k)  # row of each flattened pool member's prompt: j * b + p -> p
+    pool_cond, pool_uncond = take(cond, members), take(uncond, members)  # (k * b, ...): the pool's conditioning
     kept, all_scores = [], []
 
     def judge(images, t_images, chunk):
@@ -198,7 +199,7 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
         else:
             # One UNet pass over the whole pool gives each member's next step and its x0-prediction at t.
             flat = pool.flatten(0, 1)  # (k, b, c, h, w) -> (k * b, c, h, w)
-            eps = predict_noise(unet, flat, t.expand(k * b), take(cond, members), take(uncond, members), cfg.cfg)
+            eps = predict_noise(unet, flat, t.expand(k * b), pool_cond, pool_uncond, cfg.cfg)
             x0, mean, std = step(eps, t, flat)
             if i not in pools:  # an inner step (SDXL): every member goes on by itself
                 children = (mean + std.view(-1, 1, 1, 1) * randn(k * b, *flat.shape[1:])).view(pool.shape)

@@ -123,6 +123,17 @@ def output_problem(path, flag, is_file):
     return None
 
 
+def device_problem(device):
+    """Why --device cannot be used on this machine, or None."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return f"--device must be cpu or cuda[:N], got {device}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}, but no CUDA device is available"
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device}, but this machine has {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 WRITE_PROBE = ".spo-write-test-"
 
 
@@ -517,8 +528,8 @@ def offline_if_hub_unreachable(name):
 
 def resolve_file(spec, flag):
     """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
-    if spec is None or Path(spec).is_file():
-        return spec
+    if spec is None or Path(spec).expanduser().is_file():  # expanduser: a quoted '~/...' reaches us as it is
+        return spec if spec is None else str(Path(spec).expanduser())
     parts = str(spec).split("/")
     looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).parent.exists()
     if looks_local or len(parts) < 3:
@@ -543,11 +554,16 @@ class Pipeline:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         quiet_libraries()
+        # SDXL's model_index.json says whether an empty negative prompt is all zeros (diffusers' default: yes)
+        self.force_zeros = True
         if random_init:
             with seeded_weights(device):
                 self.__dict__.update(random_pipeline_parts(random_init, device))
         else:
-            path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else pretrained
+            path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else os.path.expanduser(pretrained)
+            if Path(path).is_file():
+                raise UserError(f"--pretrained {pretrained} is a file: it takes a diffusers folder (with "
+                                "model_index.json) or a hub id")
             offline_if_hub_unreachable(path)
             try:  # model_index.json says which parts the checkpoint has: SDXL's include a second text encoder
                 index = DiffusionPipeline.load_config(path)
@@ -555,6 +571,7 @@ class Pipeline:
                     raise ValueError("model_index.json is not a JSON object")
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
+            self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
             scheduler = DDIMScheduler  # configured from the checkpoint's scheduler config
             if not ddim:  # sample.py --scheduler checkpoint: the class model_index.json names (PNDM, Euler)
                 entry = index.get("scheduler")
@@ -575,7 +592,7 @@ class Pipeline:
         if vae and not random_init:  # random-init builds the preset's VAE (for SDXL with the fp16-fix config)
             offline_if_hub_unreachable(vae)
             try:
-                self.vae = AutoencoderKL.from_pretrained(vae)
+                self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
             except Exception as err:
                 raise cannot_load("the VAE", vae, err, "--vae") from None
         self.is_sdxl = hasattr(self, "text_encoder_2")
@@ -625,10 +642,11 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_negative(self, n, size, prompt=""):
-        """The conditioning CFG pushes away from, for n prompts. SDXL has force_zeros_for_empty_prompt: without
-        a negative prompt its embeddings are zeros, as in diffusers and the official SDXL training."""
+        """The conditioning CFG pushes away from, for n prompts. SDXL checkpoints set force_zeros_for_empty_prompt
+        (SDXL base does): without a negative prompt the embeddings are zeros, as in diffusers and the official
+        SDXL training."""
         cond = self.encode_prompts([prompt], size)
-        if self.is_sdxl and not prompt:
+        if self.is_sdxl and self.force_zeros and not prompt:
             cond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
         return take(cond, torch.zeros(n, dtype=torch.long))
 
@@ -660,7 +678,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
+        # rank and alpha are kept as given: alpha = scale * rank does not round-trip in floats (rank 7, alpha 29)
+        self.base, self.rank, self.alpha, self.scale, self.enabled = base, rank, alpha, alpha / rank, True
         self.lora = nn.Module()  # parameter names become `<module>.lora.down.weight`, the diffusers layout
         self.lora.down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # (r, in)
         self.lora.up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)  # (out, r)
@@ -719,9 +738,8 @@ def save_lora(unet, path):
     reject the file; with alpha = rank the file is byte-for-byte the official layout)."""
     from safetensors.torch import save_file
 
-    layers = lora_layers(unet)
-    rank = layers[0].lora.down.out_features
-    alpha = layers[0].scale * rank
+    first = lora_layers(unet)[0]  # one rank and alpha for all layers: inject_lora's
+    rank, alpha = first.rank, first.alpha
     metadata = {"format": "pt"}
     if alpha != rank:
         cfg = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": list(LORA_TARGETS)}
@@ -745,10 +763,11 @@ def load_lora(unet, path_or_state):
                         f"{', '.join(missing[:2]) or '-'}), "
                         f"has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
     for name, (down, up, alpha) in modules.items():
-        layer, rank = layers[name], layers[name].lora.down.out_features
-        if down.shape[0] != rank or alpha != layer.scale * rank:
+        layer = layers[name]
+        # isclose: files written before LoRALinear kept alpha hold alpha = scale * rank, e.g. 29.000000000000004
+        if down.shape[0] != layer.rank or not math.isclose(alpha, layer.alpha, rel_tol=1e-9):
             raise UserError(f"{source} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
-                            f"--lora-rank {rank} --lora-alpha {layer.scale * rank:g}")
+                            f"--lora-rank {layer.rank} --lora-alpha {layer.alpha:g}")
     with torch.no_grad():
         for name, (down, up, _) in modules.items():
             layers[name].lora.down.weight.copy_(down)
@@ -819,6 +838,8 @@ def read_lora_file(path):
     if not isinstance(config, dict):
         raise UserError(f"{path}: its LoRA settings are not a JSON object")
     config = {k.removeprefix("unet."): v for k, v in config.items()}
+    if config.get("use_rslora"):  # PEFT's rank-stabilised LoRA: read as alpha / r, it would act at another strength
+        raise UserError(f"{path}: an rsLoRA (use_rslora, scaled by alpha / sqrt(r)) is not supported, only alpha / r")
     alpha, patterns = config.get("lora_alpha"), config.get("alpha_pattern") or {}
     if not (alpha is None or positive_number(alpha)) or not isinstance(patterns, dict) or not all(
             positive_number(a) and regex_compiles(pat) for pat, a in patterns.items()):
@@ -889,9 +910,8 @@ def lora_modules(tensors, declared, unet):
         layer = layer.base if isinstance(layer, LoRALinear) else layer  # an injected UNet (load_lora)
         if not isinstance(layer, nn.Linear):
             raise UserError(f"the LoRA targets {name}, a {type(layer).__name__}; only Linear layers are supported")
-        if "down" not in p or "up" not in p:
-            raise UserError(f"the LoRA for {name} has a {'down' if 'down' in p else 'up'} weight but no "
-                            f"{'up' if 'down' in p else 'down'} weight")
+        if missing := [w for w in ("down", "up") if w not in p]:
+            raise UserError(f"the LoRA for {name} lacks its {' and '.join(missing)} weight")
         down, up = p["down"], p["up"]
         if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or down.shape[0] == 0 or (
                 down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
@@ -1031,6 +1051,9 @@ def load_optimizer_state(path, optimizer, scaler, device):
 def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
     """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""
     step_ratio = num_train_timesteps // num_steps
+    if (num_steps - 1) * step_ratio + steps_offset >= num_train_timesteps:  # 1000 steps of 1000 start at t = 1000
+        raise UserError(f"--steps {num_steps} is too many for this scheduler: the first DDIM timestep would be "
+                        f"{(num_steps - 1) * step_ratio + steps_offset}, past its {num_train_timesteps} timesteps")
     return torch.arange(num_steps - 1, -1, -1) * step_ratio + steps_offset
 
 

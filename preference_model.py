@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
                        all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
-                       finite_float, first_line, holds_files, load_optimizer_state, offline_if_hub_unreachable,
-                       output_problem, predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished,
-                       remove_unstarted_run, resolve_file, seeded_weights, setup_distributed, stop_together, take,
-                       write_tiny_tokenizer)
+                       device_problem, finite_float, first_line, holds_files, load_optimizer_state,
+                       offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
+                       read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
+                       setup_distributed, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -140,6 +140,7 @@ class PickScoreModel(nn.Module):
         tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
         specs = (base, processor, checkpoint)
         base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip(specs, tiny)]
+        base, processor = (os.path.expanduser(s) for s in (str(base), str(processor)))  # a quoted '~/...' too
         for spec, flag in zip((base, processor), flags):
             if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():  # local, not a hub id
                 raise UserError(f"{flag}: no such folder: {spec}")
@@ -152,10 +153,14 @@ class PickScoreModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(processor)
             # Only size and mean/std are used, so read the settings rather than build an image processor.
             settings, _ = ImageProcessingMixin.get_image_processor_dict(processor)
+            size = settings["size"]["shortest_edge"] if isinstance(settings["size"], dict) else settings["size"]
+            mean, std = settings["image_mean"], settings["image_std"]
         except Exception as err:
             raise cannot_load("preference model processor", processor, err, flags[1]) from None
-        size = settings["size"]["shortest_edge"] if isinstance(settings["size"], dict) else settings["size"]
-        model = cls(clip, tokenizer, size, settings["image_mean"], settings["image_std"])
+        if size != clip.config.vision_config.image_size:  # else the first image fails deep inside CLIP
+            raise UserError(f"{flags[1]}: {processor} crops images to {size} px, but the preference model {base} "
+                            f"takes {clip.config.vision_config.image_size} px")
+        model = cls(clip, tokenizer, size, mean, std)
         if checkpoint is not None:
             load_checkpoint(model, checkpoint, flags[2])
         return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
@@ -942,6 +947,8 @@ def load_image(path):
 
 def score_command(args):
     check_text([args.prompt], "--prompt")
+    if problem := device_problem(args.device):
+        raise UserError(problem)
     preset = PRESETS[args.model]
     model = load_preference_model(
         args.kind, args.base or preset["spm_base"], args.processor or preset["spm_processor"],
@@ -980,10 +987,8 @@ def fill_defaults(args):
         problems.append(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
         problems.append(f"--pickscore-labels must be in [0, 1) or none, got {args.pickscore_labels}")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        problems.append(f"--device must be cpu or cuda[:N], got {args.device}")
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append("--device cuda but no CUDA device is available")
+    if problem := device_problem(args.device):
+        problems.append(problem)
     if args.command == "train":
         problems += [f"{flag(k)} must be >= 0, got {getattr(args, k)}"
                      for k in ("weight_decay", "warmup_steps") if getattr(args, k) < 0]

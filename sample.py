@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
-                       cannot_load, captioned_grid, check_text, ddim_sample, finite_float, lora_disabled, lora_merged,
-                       lora_modules, offline_if_hub_unreachable, output_problem, predict_noise, read_lora_file,
-                       read_prompts, save_lora_webui, save_png, to_pil)
+                       cannot_load, captioned_grid, check_text, ddim_sample, device_problem, finite_float,
+                       lora_disabled, lora_merged, lora_modules, offline_if_hub_unreachable, output_problem,
+                       predict_noise, read_lora_file, read_prompts, save_lora_webui, save_png, to_pil)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +283,8 @@ def diffusers_pipeline(pipe, scheduler):
     scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
     if pipe.is_sdxl:
         return StableDiffusionXLPipeline(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
-                                         pipe.tokenizer_2, pipe.unet, scheduler, force_zeros_for_empty_prompt=True)
+                                         pipe.tokenizer_2, pipe.unet, scheduler,
+                                         force_zeros_for_empty_prompt=pipe.force_zeros)
     return StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -477,7 +478,8 @@ def validate(args):
          "--random-init draws random weights to time sampling: --score and --eval would judge noise with "
          "downloaded scorers"),
         # more steps than training steps would repeat t = 1
-        (args.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {args.steps}"),
+        # 1000 steps of SD's 1000 training timesteps would start at t = 1000 (steps_offset 1)
+        (args.steps < 1000, f"--steps must be < 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),
          "--merge and --save-merged need --precision fp32: "
          "merged into fp16/bf16 weights, small LoRA updates round away"),
@@ -500,14 +502,11 @@ def validate(args):
         (not args.export_webui or not Path(args.export_webui).is_file(), f"--export-webui {args.export_webui} exists"),
         (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
                                                          f"torch's generator seeds, got {args.seed}"),
-        (args.device == "cpu" or args.device.startswith("cuda"),
-         f"--device must be cpu or cuda[:N], got {args.device}"),
-        (not args.device.startswith("cuda") or torch.cuda.is_available(), "--device cuda, but CUDA is not available"),
     ]
     outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
                (args.save_merged, "--save-merged", False)]
-    return [msg for ok, msg in checks if not ok] + [msg for path, flag, is_file in outputs if path is not None
-                                                     and (msg := output_problem(path, flag, is_file))]
+    return [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
+        msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
 
 
 def main(argv=None):

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
-                       ddim_step, ddim_timesteps, finite_float, holds_files, inject_lora, load_lora, lora_layers,
-                       load_optimizer_state, load_safetensors, lora_disabled, output_problem, predict_noise, read_json,
-                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, save_grid, save_lora,
-                       setup_distributed, take)
+                       ddim_step, ddim_timesteps, device_problem, finite_float, holds_files, inject_lora, load_lora,
+                       lora_layers, load_optimizer_state, load_safetensors, lora_disabled, output_problem,
+                       predict_noise, read_json, read_metrics, read_prompts, remove_unfinished, remove_unstarted_run,
+                       save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +811,8 @@ def validate(cfg):
         (cfg.num_inner_step >= 0, f"--num-inner-step must be >= 0, got {cfg.num_inner_step}"),
         (0 < cfg.eta <= 1, f"--eta must be in (0, 1]: at 0 DDIM is deterministic and candidates cannot differ, above 1 "
                            f"its variance formula breaks down, got {cfg.eta}"),
-        (cfg.steps <= 1000, f"--steps must be <= 1000 (the training timesteps), got {cfg.steps}"),
+        # 1000 steps of SD's 1000 training timesteps would start at t = 1000 (steps_offset 1)
+        (cfg.steps < 1000, f"--steps must be < 1000 (the training timesteps), got {cfg.steps}"),
         (cfg.sample_batch_size >= 1, f"--sample-batch-size must be >= 1, got {cfg.sample_batch_size}"),
         (cfg.train_batch_size >= 1, f"--train-batch-size must be >= 1, got {cfg.train_batch_size}"),
         (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
@@ -832,11 +833,8 @@ def validate(cfg):
         (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
          f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
         (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
-        (cfg.device == "cpu" or cfg.device.startswith("cuda"), f"--device must be cpu or cuda[:N], got {cfg.device}"),
-        (not cfg.device.startswith("cuda") or torch.cuda.is_available(),
-         "--device cuda but no CUDA device is available"),
     ]
-    problems = [msg for ok, msg in checks if not ok]
+    problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(cfg.device)] if p]
     for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
         if path and not Path(path).is_file():
             problems.append(f"{flag}: no such file: {path}")

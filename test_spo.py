@@ -250,12 +250,30 @@ def test_cli_score_prints_one_score_per_image(capsys, tiny_spm, png_files):
 @pytest.mark.parametrize("extra, message", [
     (["--timestep", "1000"], "[0, 999]"), (["--checkpoint", "nope.bin"], "no such file"),
     (["--base", "/no/such/clip"], "no such folder"), (["--image", "nope.png"], "no such file"),
+    (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, tiny_spm, png_files, extra, message):
     code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, "bad input should exit 2"
     assert len(err) == 1 and message in err[0], f"expected one error line about {message!r}, got {err}"
+
+
+def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path, monkeypatch):
+    """A processor cropping to another size than the CLIP takes is refused when loaded (it failed at the first
+    image, deep inside CLIP); a quoted '~/...' folder loads as a folder, not as a hub id."""
+    base, processor, _ = pm.tiny_spm_paths()
+    shutil.copytree(processor, tmp_path / "proc")
+    config = json.loads((tmp_path / "proc" / "preprocessor_config.json").read_text())
+    config["size"], config["crop_size"] = {"shortest_edge": 48}, {"height": 48, "width": 48}
+    (tmp_path / "proc" / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="crops images to 48 px, but the preference model .* takes 32 px"):
+        pm.load_preference_model("spm", base, str(tmp_path / "proc"), None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clip").symlink_to(base)
+    (tmp_path / "ckpt.safetensors").symlink_to(pm.tiny_spm_paths()[2])
+    model = pm.load_preference_model("spm", "~/clip", processor, "~/ckpt.safetensors")
+    assert model.image_size == 32
 
 
 # ---- DDIM step, win/lose selection and SPO loss: the official math, bit for bit ----
@@ -283,6 +301,9 @@ def test_ddim_log_prob_and_gradient_equal_official(dtype, policy):
 
 def test_ddim_timesteps_are_leading_with_offset():
     assert D.ddim_timesteps(20).tolist() == DDIM["scheduler_timesteps"].tolist()
+    assert D.ddim_timesteps(999)[0] == 999 and D.ddim_timesteps(1000, steps_offset=0)[0] == 999
+    with pytest.raises(UserError, match="the first DDIM timestep would be 1000, past its 1000 timesteps"):
+        D.ddim_timesteps(1000)  # it was an IndexError in the first step
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -466,9 +487,31 @@ def test_lora_file_with_another_alpha_is_refused(lora_unet, tmp_path):
     D.save_lora(unet, tmp_path / "alpha8.safetensors")
     D.load_lora(unet, tmp_path / "alpha8.safetensors")  # the same alpha loads
     for layer in D.lora_layers(unet):
-        layer.scale = 4.0 / 4
+        layer.alpha, layer.scale = 4.0, 4.0 / 4
     with pytest.raises(UserError, match="alpha 8"):
         D.load_lora(unet, tmp_path / "alpha8.safetensors")
+
+
+def test_lora_alpha_is_kept_as_given_for_any_rank(lora_unet, tmp_path):
+    """alpha = (alpha / rank) * rank does not hold in floats for rank 7, alpha 29: the file's alpha was
+    29.000000000000004, and --init-lora refused a PEFT file that declared 29 for a run with --lora-alpha 29."""
+    from safetensors import safe_open
+
+    unet, _ = lora_unet
+    D.inject_lora(unet, 7, 29.0)
+    D.save_lora(unet, tmp_path / "ours.safetensors")
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 29
+    D.load_lora(unet, tmp_path / "ours.safetensors")
+    (tmp_path / "peft").mkdir()
+    peft = {"base_model.model." + k.removeprefix("unet.").replace("lora.down", "lora_A").replace("lora.up", "lora_B"): v
+            for k, v in D.lora_state_dict(unet).items()}
+    save_file(peft, tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 7, "lora_alpha": 29}))
+    D.load_lora(unet, tmp_path / "peft" / "adapter_model.safetensors")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 7, "lora_alpha": 29, "use_rslora": True}))
+    with pytest.raises(UserError, match="rsLoRA"):  # scaled by alpha / sqrt(r), it would act at another strength
+        D.load_lora(unet, tmp_path / "peft" / "adapter_model.safetensors")
 
 
 def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
@@ -690,7 +733,8 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1"),
     (["--eta", "0"], "--eta must be in (0, 1]"),
     (["--eta", "1.2"], "--eta must be in (0, 1]"),
-    (["--steps", "2000"], "--steps must be <= 1000"),
+    (["--steps", "1000"], "--steps must be < 1000"),
+    (["--device", "cuda:x"], "--device must be cpu or cuda[:N], got cuda:x"),
     (["--prompts", "/nonexistent/prompts.json"], "no such file"),
     (["--init-lora", "/nonexistent/lora.safetensors"], "no such file"),
     (["--resume"], "no run to resume"),
@@ -1121,6 +1165,24 @@ def test_sdxl_sampler_equals_diffusers_pipeline():
         ours = pipe.decode(D.ddim_sample(pipe, pipe.unet, cond, uncond, latents, 6, cfg_scale))
         err = (ours.clamp(-1, 1) - expected).abs().max()
         assert err < 1e-4, f"images differ from diffusers by {err:.2e} at cfg {cfg_scale}, negative {negative!r}, {h}x{w}"
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_empty_negative_prompt_follows_the_checkpoints_force_zeros(force_zeros, tmp_path):
+    """An empty negative prompt is zeros only where model_index.json says force_zeros_for_empty_prompt (SDXL base
+    does); else it is the encoded "", as diffusers' encode_prompt gives it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": force_zeros}))
+    ref = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    _, negative, _, negative_pooled = ref.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=True)
+    ours = D.Pipeline(str(folder)).encode_negative(1, (32, 32))
+    assert (ours["text"].abs().max() == 0) == force_zeros
+    torch.testing.assert_close(ours["text"], negative, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours["pooled"], negative_pooled, rtol=0, atol=1e-6)
 
 
 def sdxl_reference_replay(pipe, cond, uncond, score_fn, cfg, generator):
@@ -2133,6 +2195,7 @@ def bad_loras(tmp_path_factory):
         "nan": {**good, key: torch.full((32, 4), float("nan"))},  # it rendered black images with exit code 0
         "rank0": {**good, key: torch.zeros(32, 0), key.replace(".up.", ".down."): torch.zeros(0, 32)},
         "alpha": {**good, key.replace("lora.up.weight", "alpha"): torch.tensor([4.0, 4.0])},
+        "alpha_only": {**good, key.replace("attn1.to_q.lora.up.weight", "ff.net.2.alpha"): torch.tensor(4.0)},
     }
     for name, state in files.items():
         save_file(state, folder / f"{name}.safetensors")
@@ -2151,6 +2214,9 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}/nan.safetensors"], "holds non-finite weights"),
     (["--lora", "{bad}/rank0.safetensors"], "down (0, 32) and up (32, 0) shapes"),
     (["--lora", "{bad}/alpha.safetensors"], "must be one number > 0, got [4.0, 4.0]"),
+    (["--lora", "{bad}/alpha_only.safetensors"], "transformer_blocks.0.ff.net.2 lacks its down and up weight"),
+    (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
+    (["--pretrained", "{bad}/unknown.safetensors"], "is a file: it takes a diffusers folder"),
     (["--lora", "{bad}/metadata.safetensors"], "its LoRA settings are not a JSON object"),
     (["--lora", "{bad}/alpha0.safetensors"], "need lora_alpha > 0"),  # 0 once meant alpha = rank, silently
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
@@ -2164,7 +2230,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--steps", "0"], "--steps must be >= 1"),
     (["--eta", "-0.5"], "--eta must be in [0, 1]"),
     (["--eta", "1.5"], "--eta must be in [0, 1]"),
-    (["--steps", "2000"], "--steps must be <= 1000"),
+    (["--steps", "1000"], "--steps must be < 1000"),
     (["--scheduler", "checkpoint", "--eta", "1"], "--eta is DDIM's: with --scheduler checkpoint leave it 0"),
     (["--scheduler", "checkpoint", "--random-init"], "--random-init has none"),
     (["--random-init", "--score"], "--score and --eval would judge noise with downloaded scorers"),

@@ -281,7 +281,7 @@ def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path,
 import diffusion as D  # noqa: E402
 import spo  # noqa: E402
 
-DDIM = load_file(str(GOLDEN / "ddim.safetensors")) if GOLDEN.exists() else {}
+DDIM = load_file(str(GOLDEN / "ddim.safetensors"))  # ../shared is required: CI has it, so no test skips
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
@@ -395,14 +395,19 @@ def test_each_candidate_is_judged_against_its_own_prompt(golden_pipe):
 
         def judge(self, images, t, text):
             seen.append(text.long())
+            seen_t.append(t.tolist())
             return images.float().mean(dim=(1, 2, 3))
 
+    seen_t = []
     score_fn = spo.make_score_fn(TokenIdsAsText(), run["prompts"], cfg.k)
     cond, uncond = golden_pipe.encode_prompts(run["prompts"], (16, 16)), golden_pipe.encode_negative(2, (16, 16))
     spo.sample_candidate_pool(golden_pipe, golden_pipe.unet, cond, uncond, score_fn, cfg, torch.Generator())
     assert len(seen) == 6, f"expected one judgement per pool (6), got {len(seen)}"
     for ids in seen:
         assert torch.equal(ids, g["extra_info_input_ids"]), "a candidate was judged against another prompt"
+    # Step awareness: each pool is judged at its members' own timestep (8 steps of 125 from t = 876; pools from
+    # step 2), the final images at t = 0, every candidate of the pool alike.
+    assert seen_t == [[t] * (cfg.k * 2) for t in (501, 376, 251, 126, 1, 0)], f"the judge saw timesteps {seen_t}"
 
 
 def test_our_ddim_sampler_equals_diffusers_pipeline(golden_pipe):
@@ -1030,6 +1035,7 @@ def run_spo(args, **popen):
 
 def assert_same_run(a, b):
     lora_a, lora_b = load_file(str(a / "pytorch_lora_weights.safetensors")), load_file(str(b / "pytorch_lora_weights.safetensors"))
+    assert sorted(lora_a) == sorted(lora_b), "the two runs saved different LoRA layers"
     assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a), "final LoRA differs from the uninterrupted run"
     assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text(), "metrics differ"
 
@@ -1496,6 +1502,7 @@ def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(ti
     spo.main(flags + ["--out", str(tmp_path / "full")])
     first = [r for r in records(tmp_path / "full") if "loss" in r][0]
     assert first["ratio_win"] == first["ratio_lose"] == 1.0, first
+    assert any(r["ratio_win"] != 1.0 for r in records(tmp_path / "full")[1:]), "after an update the policy moves away"
     trained, start = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors")), load_file(str(init))
     assert any(not torch.equal(trained[k], start[k]) for k in start), "the trained LoRA must be saved, not the init"
     spo.main(flags + ["--out", str(tmp_path / "cut"), "--save-every", "1"])
@@ -1505,6 +1512,28 @@ def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(ti
     spo.main(flags + ["--out", str(tmp_path / "cut"), "--resume"])
     resumed = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(trained[k], resumed[k]) for k in trained), "the resumed run must end where the full one does"
+
+
+def test_as_reference_runs_the_init_lora_and_gives_the_trained_one_back(lora_unet):
+    """Inside as_reference an --init-lora run's UNet computes exactly what a UNet holding the init LoRA does (not the
+    policy, not the base model); on exit the trained weights are back, bit for bit."""
+    unet, io = lora_unet
+    base = unet_out(unet, io)
+    D.inject_lora(unet, 4, 4)
+    D.load_lora(unet, LORA / "pytorch_lora_weights.safetensors")  # the init LoRA
+    init = unet_out(unet, io)
+    spo.keep_as_reference(unet)
+    with torch.no_grad():  # training moves the LoRA
+        for layer in D.lora_layers(unet):
+            layer.lora.up.weight.add_(0.1)
+    trained = [p.detach().clone() for p in D.lora_layers(unet)[0].parameters() if p.requires_grad]
+    policy = unet_out(unet, io)
+    with spo.as_reference(unet):
+        assert torch.equal(unet_out(unet, io), init), "the reference must be the base plus the init LoRA"
+    assert not torch.allclose(policy, init) and not torch.allclose(init, base)
+    assert torch.equal(unet_out(unet, io), policy), "the policy must come back after as_reference"
+    assert all(torch.equal(a, b) for a, b in zip(trained, [p for p in D.lora_layers(unet)[0].parameters()
+                                                          if p.requires_grad]))
 
 
 def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
@@ -1559,11 +1588,17 @@ import diffusion, spo
 torch.set_num_threads(1)
 rank, world = spo.setup_distributed()
 cfg = spo.parse_args(sys.argv[1:])
+trained, real_step = [], spo.train_micro_batch
+def recording_step(pipe, policy, reference, micro, *args):  # each pair this rank trains on, by its winner's sum
+    trained.extend(micro["win"].double().flatten(1).sum(1).tolist())
+    return real_step(pipe, policy, reference, micro, *args)
+spo.train_micro_batch = recording_step
 Path(cfg.out + f".pid{{rank}}").write_text(str(os.getpid()))  # so a test can signal one rank
 spo.dist.barrier()
 pipe = spo.train(cfg, rank=rank, world=world)
-if pipe is not None:  # every rank's LoRA, to compare them
+if pipe is not None:  # every rank's LoRA, to compare them, and the pairs it trained on
     diffusion.save_lora(pipe.unet, cfg.out + f".rank{{rank}}.safetensors")
+    Path(cfg.out + f".pairs{{rank}}.txt").write_text(repr(trained))
 spo.dist.destroy_process_group()
 """
 
@@ -1593,6 +1628,9 @@ def test_two_ranks_train_to_identical_loras(ddp_run):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "DDP ranks ended with different LoRA weights"
     metrics = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["pairs"] <= 2 * 2 * 2 for m in metrics), "an update: 2 micro-batches of 2 pairs per rank"
+    pairs0, pairs1 = (eval(Path(f"{ddp_run}.pairs{r}.txt").read_text()) for r in (0, 1))
+    assert pairs0 and len(pairs0) == len(pairs1), "the ranks must train on equally many pairs"
+    assert not set(pairs0) & set(pairs1), "the ranks must train on different shares of the pooled pairs"
 
 
 def test_world_size_1_equals_the_single_process_run(tmp_path):
@@ -2470,6 +2508,32 @@ def test_denoised_pair_is_a_t_x0_plus_one_noise_shared_by_the_pair(identity_sd, 
     assert (error < 0.01).all(), f"x0-prediction differences off a_t (im0 - im1) by {error.tolist()} (relative)"
     noise = (x0[1:] - a[1:] * im0[1:]) / (a[1:] * (1 - a[1:])).sqrt()
     assert abs(noise.std().item() - 1) < 0.05, f"noise std {noise.std():.3f} at scale sqrt(a (1 - a)), expected 1"
+
+
+def test_the_spm_is_told_the_t_its_images_were_noised_at(dataset, identity_sd, tmp_path, monkeypatch):
+    """Training and evaluation hand the SPM the same t at which denoised_pair noised the pair, not 0: the step
+    awareness of the SPM (accuracy tests alone pass without it, since the images still change with t)."""
+    events = []
+    real_denoised, real_scores = pm.denoised_pair, pm.pair_scores
+
+    def denoised(pipe, im0, im1, cond, uncond, t, *rest):
+        events.append(("noised", t.tolist()))
+        return real_denoised(pipe, im0, im1, cond, uncond, t, *rest)
+
+    def scores(model, x0, x1, ids, t):
+        events.append(("scored", t.tolist()))
+        return real_scores(model, x0, x1, ids, t)
+
+    monkeypatch.setattr(pm, "denoised_pair", denoised)
+    monkeypatch.setattr(pm, "pair_scores", scores)
+    assert pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--data", str(dataset), "--out",
+                    str(tmp_path / "run"), "--resolution", "8", "--max-steps", "2", "--eval-every", "2",
+                    "--batch-size", "4", "--eval-timesteps", "0", "501"]) == 0
+    noised = [i for i, (kind, _) in enumerate(events) if kind == "noised"]
+    assert len(noised) >= 2 + 2, "two training steps and evaluations at t = 501"
+    for i in noised:
+        assert events[i + 1] == ("scored", events[i][1]), f"scored at {events[i + 1][1]}, noised at {events[i][1]}"
+    assert any(t != 0 for i in noised for t in events[i][1])
 
 
 @pytest.fixture(scope="module")

@@ -665,6 +665,24 @@ def take(cond, index):
     return {k: v[index.to(v.device) if torch.is_tensor(index) else index] for k, v in cond.items()}
 
 
+LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
+
+
+def resolve_lora(spec, flag):
+    """A LoRA file: a file; in a folder (a spo.py run, a PEFT adapter) its pytorch_lora_weights.safetensors,
+    adapter_model.safetensors or only .safetensors; on the hub 'owner/repo' (its pytorch_lora_weights.safetensors)
+    or 'owner/repo/file'."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
+        if len(found) == 1 or (found and found[0].name in LORA_FILES):
+            return found[0]
+        raise UserError(f"{flag}: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or path.parent.exists()):  # runs/sd15x: a typo
+        raise UserError(f"{flag}: no such file or folder: {spec}")
+    return Path(resolve_file(spec if path.is_file() or spec.count("/") > 1 else f"{spec}/{LORA_FILES[0]}", flag))
+
+
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021), hand-rolled: wrap each target nn.Linear, add a low-rank branch.
 
@@ -861,18 +879,23 @@ def regex_compiles(pattern):
 
 
 def lora_family_problem(tensors, unet):
-    """A sentence if the LoRA was made for the other family (SDXL or SD1.x) than the UNet's, else None."""
+    """A sentence if the LoRA was made for another model than this UNet: the other family (SDXL or SD1.x), or any
+    model whose text context has another width; else None."""
     widths = {k: v.shape[1] for k, v in tensors.items() if v.dim() == 2 and (".attn2.to_k." in k or "_attn2_to_k." in k)
               and k.endswith(("down.weight", "lora_A.weight", "lora_A.default.weight"))}  # down is (r, context width)
+    ours = unet.config.cross_attention_dim
     if not is_sdxl_unet(unet):
         signs = [k for k in tensors if any(s in k for s in SDXL_ONLY_NAMES)]
         signs += [k for k, width in widths.items() if width == SDXL_CONTEXT_WIDTH]
-        return (f"this is an SDXL LoRA (e.g. {signs[0]}), but the model is SD1.5-style (cross-attention width "
-                f"{unet.config.cross_attention_dim}); use it with an SDXL base model") if signs else None
-    signs = [k for k, width in widths.items() if width == SD1_CONTEXT_WIDTH]
-    return (f"this is an SD1.x LoRA ({signs[0]} reads a {SD1_CONTEXT_WIDTH}-wide text context), but the model is "
-            f"SDXL (cross-attention width {unet.config.cross_attention_dim}); use it with an SD1.5 base model"
-            ) if signs else None
+        if signs:
+            return (f"this is an SDXL LoRA (e.g. {signs[0]}), but the model is SD1.5-style (cross-attention width "
+                    f"{ours}); use it with an SDXL base model")
+    elif signs := [k for k, width in widths.items() if width == SD1_CONTEXT_WIDTH]:
+        return (f"this is an SD1.x LoRA ({signs[0]} reads a {SD1_CONTEXT_WIDTH}-wide text context), but the model is "
+                f"SDXL (cross-attention width {ours}); use it with an SD1.5 base model")
+    other = [(k, width) for k, width in widths.items() if width != ours]  # e.g. the tiny models' 32 and 64
+    return (f"this LoRA was made for another model: {other[0][0]} reads a {other[0][1]}-wide text context, this "
+            f"model's cross-attention is {ours} wide") if other else None
 
 
 def lora_modules(tensors, declared, unet):

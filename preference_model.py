@@ -947,6 +947,8 @@ def load_image(path):
 
 def score_command(args):
     check_text([args.prompt], "--prompt")
+    if not 0 <= args.timestep < NUM_TRAIN_TIMESTEPS:
+        raise UserError(f"--timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {args.timestep}")
     if problem := device_problem(args.device):
         raise UserError(problem)
     preset = PRESETS[args.model]

@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
-                       cannot_load, captioned_grid, check_text, ddim_sample, device_problem, finite_float,
-                       lora_disabled, lora_merged, lora_modules, offline_if_hub_unreachable, output_problem,
-                       predict_noise, read_lora_file, read_prompts, save_lora_webui, save_png, to_pil)
+                       captioned_grid, check_text, ddim_sample, device_problem, finite_float,
+                       lora_disabled, lora_merged, lora_modules, output_problem, predict_noise, read_lora_file,
+                       read_prompts, resolve_lora, save_lora_webui, save_png, to_pil)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -43,39 +43,16 @@ SAMPLING = {
     "tiny-sdxl": dict(steps=20, cfg=5.0),
 }
 PAPER_EVAL = "--steps 20 --cfg 5"  # the paper's evaluation protocol: DDIM, 20 steps, guidance 5.0
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # not PNG: --out would be a folder
 GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row each), so it stays viewable
-LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
 
 
 # ----------------------------------------------------------------------------------------------
 # The LoRA: found, read in any layout, checked against the UNet before anything is written.
 
-def resolve_lora(spec):
-    """A file; a folder holding pytorch_lora_weights.safetensors, adapter_model.safetensors or one .safetensors;
-    'owner/repo' (its pytorch_lora_weights.safetensors) or 'owner/repo/file' on the hub."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
-        if len(found) == 1 or (found and found[0].name in LORA_FILES):
-            return found[0]
-        raise UserError(f"--lora: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
-    parts = spec.split("/")
-    # a missing path in a folder that exists (runs/sd15x) is a typo, not an owner/repo id
-    if spec.startswith(("/", ".", "~")) or path.parent.exists() or len(parts) < 2:
-        raise UserError(f"--lora: no such file or folder: {spec}")
-    from huggingface_hub import hf_hub_download
-    offline_if_hub_unreachable(spec)
-    try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]) or LORA_FILES[0]))
-    except Exception as err:  # offline, missing, gated: all end the same way
-        raise cannot_load("LoRA", spec, err, "--lora") from None
-
-
 def load_lora_modules(spec, unet):
     """{module: (down, up, alpha)} of the LoRA at `spec`, every key and shape checked against this UNet."""
-    path = resolve_lora(spec)
+    path = resolve_lora(spec, "--lora")
     tensors, declared = read_lora_file(path)
     try:
         return lora_modules(tensors, declared, unet)
@@ -164,8 +141,18 @@ def image_settings(args, prompt, seed, with_lora):
     return dict(settings, command=shlex.join(command))
 
 
+def one_png(args):
+    """Whether --out names the run's one image rather than a folder."""
+    return args.out.lower().endswith(".png")
+
+
+def jobs_of(args):
+    """(index, prompt, seed) of every image: image i of a prompt has seed + i."""
+    return [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt_list) for k in range(args.n)]
+
+
 def image_path(args, index, prompt, seed, tag):
-    if args.out.endswith(".png"):
+    if one_png(args):
         return Path(args.out)
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
     return Path(args.out) / f"{index:03d}-{slug}-seed{seed}{tag}.png"
@@ -362,7 +349,7 @@ def run(args):
 
     # after the exports: applying the LoRA wraps the UNet's layers, which lora_merged and the webui export read plain
     lora_on = lora_switch(pipe.unet, modules, args.lora_scale, args.merge)
-    jobs = [(i, prompt, args.seed + k) for i, prompt in enumerate(args.prompt_list) for k in range(args.n)]
+    jobs = jobs_of(args)
     both = args.compare or args.eval  # base and LoRA images, from the same noise
     progress = tqdm(total=len(jobs) * (2 if both else 1), desc="images", unit="img")
     images, paths = render(pipe, jobs, args, lora_on, modules is not None, "-lora" if both else "", progress)
@@ -379,7 +366,10 @@ def run(args):
     base_scores = score_all(scorers, jobs, base_images) if both else []
     if args.score:
         print("pickscore       spm  image")
-        for s, path in zip(scores + base_scores, paths + (base_paths if both else [])):
+        rows = list(zip(scores, paths))
+        if both:  # each base image, then its LoRA image from the same noise
+            rows = [row for pair in zip(zip(base_scores, base_paths), rows) for row in pair]
+        for s, path in rows:
             print(f"{s['pickscore']:9.4f} {s['spm']:9.4f}  {path}")
     if args.eval:
         write_eval(args, jobs, base_scores, scores, base_paths, paths)
@@ -417,6 +407,7 @@ def parse_args(argv=None):
     add("--negative-prompt", default="", help="what the guidance steers away from (empty)")
     add("--batch-size", type=int, default=4, help="images per UNet call (4)")
     add("--out", default="out", help="a .png file for a single image, else a folder (out)")
+    add("--overwrite", action="store_true", help="replace images, compare.png or eval.json that --out already holds")
     add("--compare", action="store_true",
         help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
     add("--score", action="store_true", help="print each image's PickScore and step-aware score at t=0")
@@ -494,19 +485,34 @@ def validate(args):
         (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
         (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
         (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),
-        (not args.out.endswith(".png") or images <= 1,
+        (not one_png(args) or images <= 1,
          f"--out {args.out} is one PNG file but this run writes {images} images: pass a folder"),
-        (not args.out.endswith(".png") or not both, "--compare and --eval write several files: pass a folder --out"),
+        (not one_png(args) or not both, "--compare and --eval write several files: pass a folder --out"),
+        (Path(args.out).suffix.lower() not in IMAGE_SUFFIXES,
+         f"--out {args.out}: images are written as PNG, so name a .png file or a folder"),
         # (a file where a folder belongs, or the other way round, is output_problem's to say)
         (not args.save_merged or not Path(args.save_merged).is_dir(), f"--save-merged {args.save_merged} exists"),
         (not args.export_webui or not Path(args.export_webui).is_file(), f"--export-webui {args.export_webui} exists"),
         (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
                                                          f"torch's generator seeds, got {args.seed}"),
     ]
-    outputs = [(args.out, "--out", args.out.endswith(".png")), (args.export_webui, "--export-webui", True),
+    outputs = [(args.out, "--out", one_png(args)), (args.export_webui, "--export-webui", True),
                (args.save_merged, "--save-merged", False)]
-    return [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
+    problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
+    if existing := [] if args.overwrite or args.benchmark else [p for p in files_written(args) if p.exists()]:
+        problems.append(f"--out {args.out} already holds {existing[0].name}"
+                        + (f" and {len(existing) - 1} more of this run's files" if len(existing) > 1 else "")
+                        + ": pass --overwrite to replace them, or another --out")
+    return problems
+
+
+def files_written(args):
+    """Every file the images, the grid and eval.json of this run go to (the exports have their own checks)."""
+    both = args.compare or args.eval
+    tags = ["-lora", "-base"] if both else [""]
+    paths = [image_path(args, *job, tag) for job in jobs_of(args) for tag in tags]
+    return paths + [Path(args.out) / name for name in ["compare.png"] * bool(both) + ["eval.json"] * bool(args.eval)]
 
 
 def main(argv=None):

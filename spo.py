@@ -42,7 +42,7 @@ from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, P
                        ddim_step, ddim_timesteps, device_problem, finite_float, holds_files, inject_lora, load_lora,
                        lora_layers, load_optimizer_state, load_safetensors, lora_disabled, output_problem,
                        predict_noise, read_json, read_metrics, read_prompts, remove_unfinished, remove_unstarted_run,
-                       save_grid, save_lora, setup_distributed, take)
+                       resolve_lora, save_grid, save_lora, setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -58,13 +58,13 @@ class Config:
     out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
     resume: bool = False  # continue the run in --out from its newest checkpoint
     overwrite: bool = False  # replace an existing run in --out
-    init_lora: str = None  # start from an existing LoRA file; it is then also the reference (as_reference)
+    init_lora: str = None  # start from a LoRA (file, run folder or hub repo), which is then DPO's reference too
     preference: str = "spm"  # spm | pickscore (the paper's ablation: no step awareness)
     preference_model: str = None  # SPM's CLIP base (hub id or folder); default from the preset
     preference_processor: str = None  # SPM's processor/tokenizer; default from the preset
     preference_checkpoint: str = None  # official SPM .bin or our .safetensors; default from the preset
     epochs: int = 10  # passes over the prompts
-    seed: int = 42  # the LoRA init, and every prompt order, noise and shuffle of the run (derived_seed)
+    seed: int = 42  # the LoRA init, and every prompt order, noise and shuffle of the run
     resolution: int = None  # pixels; default from the preset (512 for sd15)
     steps: int = 20  # DDIM steps
     eta: float = 1.0  # DDIM eta in (0, 1]: > 0 makes each step a Gaussian with a likelihood; 1 as the official run
@@ -481,7 +481,10 @@ def setup_models(cfg, scorer=None, world=1):
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
-        load_lora(pipe.unet, cfg.init_lora)
+        try:
+            load_lora(pipe.unet, resolve_lora(cfg.init_lora, "--init-lora"))
+        except UserError as err:
+            raise UserError(f"--init-lora {cfg.init_lora}: {err}") from None
         keep_as_reference(pipe.unet)  # before --resume loads a checkpoint's LoRA over it
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
@@ -578,7 +581,8 @@ def train(cfg, scorer=None, rank=0, world=1):
 
     def stopped(folder):
         if main_rank:
-            print(f"stopped by a signal: checkpoint {folder}; continue with the same command plus --resume")
+            tqdm.write(f"stopped by a signal: checkpoint {folder}; continue with the same command plus --resume"
+                       + (" (and without --overwrite)" if cfg.overwrite else ""))
 
     bad_steps = 0
     with StopSignal() as stop:
@@ -835,9 +839,13 @@ def validate(cfg):
         (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
     ]
     problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(cfg.device)] if p]
-    for path, flag in ((cfg.prompts, "--prompts"), (cfg.init_lora, "--init-lora")):
-        if path and not Path(path).is_file():
-            problems.append(f"{flag}: no such file: {path}")
+    if cfg.prompts and not Path(cfg.prompts).is_file():
+        problems.append(f"--prompts: no such file: {cfg.prompts}")
+    try:  # a file, a run folder or a hub repo (downloaded here, once)
+        if cfg.init_lora:
+            resolve_lora(cfg.init_lora, "--init-lora")
+    except UserError as err:
+        problems.append(str(err))
     if cfg.benchmark:  # writes nothing
         return problems
     out = Path(cfg.out)

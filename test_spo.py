@@ -1498,7 +1498,7 @@ def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(ti
     ratios are exactly 1 (against the base model, a trained LoRA would start off 1 and often clamped). The trained
     LoRA is what is saved, and a resumed run keeps the init LoRA, not the checkpoint's, as its reference."""
     init = tiny_run / "pytorch_lora_weights.safetensors"
-    flags = FAST[:-1] + ["1", "--init-lora", str(init), "--lr", "1e-2"]
+    flags = FAST[:-1] + ["1", "--init-lora", str(tiny_run), "--lr", "1e-2"]  # a run folder: its LoRA file
     spo.main(flags + ["--out", str(tmp_path / "full")])
     first = [r for r in records(tmp_path / "full") if "loss" in r][0]
     assert first["ratio_win"] == first["ratio_lose"] == 1.0, first
@@ -2077,6 +2077,9 @@ FAMILY_CASES = [  # (the UNet, a LoRA's tensors, a piece of the message): what o
     ("sd15", lora_pair("lora_te2_text_model_encoder_layers_0_mlp_fc1", 32, 64), "this is an SDXL LoRA"),
     ("sd15", {"unet.add_embedding.linear_1.lora.down.weight": torch.zeros(4, 80)}, "this is an SDXL LoRA"),
     ("sd15", lora_pair("lora_unet_label_emb_0_0", 80, 128), "this is an SDXL LoRA"),
+    ("sdxl", {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": torch.zeros(4, 32)},
+     "made for another model: .*attn2.to_k.lora.down.weight reads a 32-wide text context, this model's cross-attention "
+     "is 64 wide"),  # the tiny SD1.5 LoRA on the tiny SDXL: neither family's real width
 ]
 
 
@@ -2137,6 +2140,17 @@ def test_compare_writes_pairs_and_a_readable_grid(tmp_path, capsys):
     lora = Image.open(out / "000-a-photo-of-a-cat-seed0-lora.png").convert("RGB").resize((128, 128), Image.NEAREST)
     assert grid.crop((0, 0, 128, 128)).tobytes() == base.tobytes(), "the grid's first tile must be the base image"
     assert grid.crop((128, 0, 256, 128)).tobytes() == lora.tobytes(), "the grid's second tile must be the LoRA image"
+
+
+def test_score_lists_each_base_image_next_to_its_lora_image(tmp_path, capsys):
+    sample.main(["--model", "tiny", "--lora", str(LORA), "--prompt", "a photo of a cat", "--prompt", "a red dog",
+                 "--n", "2", "--steps", "3", "--compare", "--score", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[lines.index("pickscore       spm  image") + 1:]]
+    expected = [f"{i:03d}-{slug}-seed{seed}-{tag}.png" for i, slug in enumerate(["a-photo-of-a-cat", "a-red-dog"])
+                for seed in (0, 1) for tag in ("base", "lora")]
+    assert [Path(row[2]).name for row in rows] == expected, "each base image, then its LoRA image"
+    assert all(Path(row[2]).is_file() and math.isfinite(float(row[0])) for row in rows)
 
 
 def test_eval_reports_win_rate_computed_from_the_scores_it_lists(tmp_path, capsys):
@@ -2312,8 +2326,36 @@ def test_images_with_nan_pixels_are_reported_not_passed_off_as_pictures(tmp_path
     """A guidance scale that overflows (or fp16 overflowing in a VAE) makes NaN pixels, which save as black."""
     sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--cfg", "1e30", "--out", str(tmp_path)])
     assert "warning: 2 of 2 images have NaN or inf pixels" in capsys.readouterr().err
-    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path)])
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path), "--overwrite"])
     assert "NaN" not in capsys.readouterr().err
+
+
+def test_sample_never_overwrites_an_image_unless_told(tmp_path, capsys):
+    """A second run onto the same --out is refused before anything is drawn (it replaced the first run's images in
+    silence); --overwrite replaces them. A .jpg --out was quietly made a folder of PNGs."""
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(out)])
+    first = out.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a red dog", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"error: --out {out} already holds cat.png: pass --overwrite to " \
+        "replace them, or another --out", err
+    assert out.read_bytes() == first, "the refused run must leave the first image as it was"
+    sample.main(GOLDEN_RUN + ["--prompt", "a red dog", "--out", str(out), "--overwrite"])
+    assert out.read_bytes() != first and Image.open(out).text["prompt"] == "a red dog"
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--prompt", "a red dog", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit):  # a folder: only the names this run would write count
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--out", str(tmp_path / "run")])
+    assert "already holds 000-a-red-cat-seed0.png: pass" in capsys.readouterr().err
+    sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--seed", "1", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit):
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path / "cat.jpg")])
+    assert "images are written as PNG, so name a .png file or a folder" in capsys.readouterr().err
+    assert not (tmp_path / "cat.jpg").exists()
 
 
 def test_an_export_onto_a_file_is_one_problem_not_two(tmp_path, capsys):

@@ -10,7 +10,8 @@
 Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses), or with --scheduler checkpoint the
 scheduler the model folder ships (as the official inference scripts), from noise drawn by a generator seeded
 with the image's own seed, so an image with and without the LoRA starts from the same noise and differs only by
-what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in PNG text chunks.
+what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in PNG text chunks
+(byte for byte when the image was made alone, --batch-size 1; one made in a batch comes back within rounding).
 """
 import argparse
 import contextlib
@@ -122,22 +123,22 @@ def sampling_scheduler(args, pipe):
 
 
 def image_settings(args, prompt, seed, with_lora):
-    """What goes into each PNG's text chunks: everything needed to make it again, and the command that does."""
-    settings = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
-                    eta=args.eta, height=args.height, width=args.width, scheduler=args.scheduler,
-                    sampler=args.sampler_name, model=args.model,
-                    pretrained=args.pretrained, vae=args.vae or "none", lora="none", precision=args.precision,
-                    device=args.device)
-    if args.random_init:  # pretrained then names only the architecture
-        settings.update(weights="random-init")
-    if with_lora:
-        settings.update(lora=args.lora, lora_scale=args.lora_scale, lora_mode="merged" if args.merge else "applied")
-    command = ["python", "sample.py"]
-    for key, value in settings.items():  # every setting but these three is the flag of the same name
-        if key not in ("sampler", "lora_mode", "weights") and value != "none":
-            command += [f"--{key.replace('_', '-')}={value}"]  # "=" keeps a prompt that starts with "-" a value
+    """What goes into each PNG's text chunks: everything needed to make it again, and the command that does (the
+    same bytes for an image made alone, as with --batch-size 1; one made in a batch comes back to within rounding)."""
+    flags = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps, cfg=args.cfg,
+                 eta=args.eta, height=args.height, width=args.width, scheduler=args.scheduler, model=args.model,
+                 pretrained=args.pretrained, vae=args.vae, precision=args.precision, device=args.device,
+                 **(dict(lora=args.lora, lora_scale=args.lora_scale) if with_lora else {}))
+    # "=" keeps a prompt that starts with "-" a value; a setting that is None (no --vae) has no flag
+    command = ["python", "sample.py"] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v is not None]
     command += ["--merge"] if with_lora and args.merge else []
     command += ["--random-init"] if args.random_init else []
+    settings = {k: "none" if v is None else v for k, v in flags.items()}
+    settings.update(sampler=args.sampler_name, lora=settings.get("lora", "none"))
+    if with_lora:
+        settings.update(lora_mode="merged" if args.merge else "applied")
+    if args.random_init:  # pretrained then names only the architecture
+        settings.update(weights="random-init")
     return dict(settings, command=shlex.join(command))
 
 
@@ -337,7 +338,8 @@ def run(args):
         return
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
     scorers = Scorers(args) if args.score or args.eval else None
-    # Everything is loaded and checked: from here on, bad input can no longer leave partial output.
+    # Everything is loaded and checked: from here on only a scheduler that cannot run our loop (--scheduler
+    # checkpoint, at its first batch) can still stop the run, after the exports.
     if args.export_webui:
         save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
@@ -392,7 +394,8 @@ def parse_args(argv=None):
     add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
     add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
                        "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
-    add("--lora-scale", type=finite_float, default=1.0, help="the LoRA branch is scaled by this * alpha / r (1)")
+    add("--lora-scale", type=finite_float, default=1.0,
+        help="the LoRA branch is scaled by this * alpha / r; --export-webui leaves it to webui's own weight (1)")
     add("--merge", action="store_true", help="merge the LoRA into the weights instead of wrapping the layers")
     add("--seed", type=int, default=0, help="image i of each prompt uses seed + i (0)")
     add("--n", type=int, default=1, help="images per prompt (1)")
@@ -430,8 +433,8 @@ def parse_args(argv=None):
     args.vae = args.vae or preset["vae"]
     args.steps = SAMPLING[args.model]["steps"] if args.steps is None else args.steps
     args.cfg = SAMPLING[args.model]["cfg"] if args.cfg is None else args.cfg
-    args.height = args.height or preset["resolution"]
-    args.width = args.width or preset["resolution"]
+    args.height = preset["resolution"] if args.height is None else args.height
+    args.width = preset["resolution"] if args.width is None else args.width
     args.preference_model = args.preference_model or preset["spm_base"]
     args.preference_processor = args.preference_processor or preset["spm_processor"]
     args.preference_checkpoint = args.preference_checkpoint or preset["spm_checkpoint"]
@@ -482,6 +485,9 @@ def validate(args):
         (args.prompt_list or exporting or args.benchmark,
          "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
         (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
+        (not args.benchmark or not (args.lora or exporting or both or args.score),
+         "--benchmark times the base model's sampler and writes nothing: leave out --lora, --save-merged, "
+         "--export-webui, --compare, --score and --eval"),
         (not (args.eval and (args.prompt or args.prompts)), "--eval takes its prompts from its file alone"),
         (args.lora or not (args.compare or args.eval), "--compare and --eval compare base and LoRA: pass --lora"),
         (args.lora or not (args.merge or exporting), "--merge, --save-merged and --export-webui need --lora"),

@@ -2192,9 +2192,9 @@ def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
 
     first = tmp_path / "first.png"
     sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--merge", "--prompt", "a red cat", "--seed", "11", "--cfg", "3",
-                              "--negative-prompt", "a dog", "--out", str(first)])
+                              "--negative-prompt", "none", "--out", str(first)])  # "none" the text, once dropped
     text = Image.open(first).text
-    expected = dict(prompt="a red cat", negative_prompt="a dog", seed="11", steps="3", cfg="3.0", eta="0.0",
+    expected = dict(prompt="a red cat", negative_prompt="none", seed="11", steps="3", cfg="3.0", eta="0.0",
                     height="16", width="16", sampler="DDIM", model="tiny", pretrained=str(PIPELINE), lora=str(LORA),
                     lora_scale="1.0", lora_mode="merged", precision="fp32")
     assert {k: text.get(k) for k in expected} == expected, "PNG text chunks do not hold the generation settings"
@@ -2278,6 +2278,8 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}"], "holds no single LoRA file"),
     (["--height", "30"], "--height must be a positive multiple of 8, got 30"),
     (["--width", "20"], "--width must be a positive multiple of 8, got 20"),
+    (["--height", "0"], "--height must be a positive multiple of 8, got 0"),  # once the preset's size, silently
+    (["--benchmark", "1", "--compare", "--lora", "{bad}/unknown.safetensors"], "--benchmark times the base model's"),
     (["--n", "0"], "--n must be >= 1"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--eta", "-0.5"], "--eta must be in [0, 1]"),

@@ -1248,7 +1248,10 @@ def test_sdxl_pairs_match_a_hand_driven_replay(num_inner_step):
                      pool_at_last_step=False, cfg=5.0, eta=1.0, threshold=0.2, resolution=16)
     prompts = ["a red cat", "the dog", "a beautiful lake"]
     cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(3, (16, 16))
-    score_fn = lambda images, t: 300 * images.float().mean(dim=(1, 2, 3)) * (1 + t.float() / 1000)
+    # Prompts 0 and 1 pass the threshold at every pool, so every chunk (the last, judged at t = 0, too) is paired;
+    # prompt 2 rarely does, so the threshold's mask is tested too.
+    factor = torch.tensor([10000.0, 10000.0, 30.0]).repeat(2)  # sample-major: (k * b,)
+    score_fn = lambda images, t: factor * images.float().mean(dim=(1, 2, 3)) * (1 + t.float() / 1000)
     pairs, scores = spo.sample_candidate_pool(pipe, pipe.unet, cond, uncond, score_fn, cfg,
                                               torch.Generator().manual_seed(7))
     expected = sdxl_reference_replay(pipe, cond, uncond, score_fn, cfg, torch.Generator().manual_seed(7))
@@ -1256,6 +1259,10 @@ def test_sdxl_pairs_match_a_hand_driven_replay(num_inner_step):
     assert pools == ([4, 8, 12, 16] if num_inner_step == 3 else list(range(4, 19)))
     assert len(scores) == 2 * 3 * len(pools), "one judgement per pool, each of k * b candidates"
     assert len(expected["t"]) < 3 * 16, "the threshold should drop some pairs, or the valid mask goes untested"
+    # Every step from 4 on is paired (with no inner steps, the last pool's members differ by one small step's noise
+    # alone, too little for the threshold: its two transitions, t = 51 and 1, are not)
+    paired = D.ddim_timesteps(20)[4:] if num_inner_step == 3 else D.ddim_timesteps(20)[4:-2]
+    assert set(paired.tolist()) <= set(expected["t"].tolist()), "some pool's chunk is never paired: test it harder"
     for key in ("x_t", "x_t_lose", "win", "lose", "t"):
         assert torch.equal(pairs[key], expected[key]), f"pairs differ from the replay in {key}"
     inner = pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(1)
@@ -1558,12 +1565,58 @@ def nan_loss_at(monkeypatch, bad_calls):
     monkeypatch.setattr(spo, "spo_loss", flaky)
 
 
+def test_every_prompt_batch_draws_its_own_noise_and_each_epoch_its_own_order(tmp_path, monkeypatch):
+    """derived_seed keys: (epoch, batch) for the sampling noise, the epoch for the prompt order. Resume tests cannot
+    see a key left out (the uninterrupted run would repeat the same noise), so the draws are checked here."""
+    seeds, prompts = [], []
+    real_pool, real_score = spo.sample_candidate_pool, spo.make_score_fn
+
+    def pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
+        seeds.append(generator.initial_seed())
+        return real_pool(pipe, unet, cond, uncond, score_fn, cfg, generator)
+
+    def score(scorer, batch_prompts, k):
+        prompts.append(list(batch_prompts))
+        return real_score(scorer, batch_prompts, k)
+
+    monkeypatch.setattr(spo, "sample_candidate_pool", pool)
+    monkeypatch.setattr(spo, "make_score_fn", score)
+    spo.main(FAST + ["--out", str(tmp_path / "run")])
+    assert len(seeds) == 4 and len(set(seeds)) == 4, "each (epoch, batch) must seed its own sampling noise"
+    epoch0, epoch1 = sum(prompts[:2], []), sum(prompts[2:], [])
+    assert sorted(epoch0) == sorted(epoch1) == sorted(spo.TINY_PROMPTS), "an epoch visits every prompt once"
+    assert epoch0 != epoch1, "each epoch must shuffle the prompts anew"
+
+
+def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
+    """The GradScaler's loss scale is taken out before clipping and reporting: the same micro-batch with a scale
+    of 2^16 and without one gives the same gradient norm and the same updated LoRA."""
+    cfg = spo.parse_args(FAST)
+    results = []
+    for enabled in (False, True):
+        m = spo.setup_models(cfg, scorer=RuleScorer())
+        gen = torch.Generator().manual_seed(0)
+        pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
+                     text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+        pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
+                     lose=torch.randn(2, 4, 8, 8, generator=gen))
+        for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
+            torch.nn.init.normal_(layer.lora.up.weight, std=0.01, generator=gen)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=enabled)
+        record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
+                                       m.lora_params, m.optimizer, scaler, m.autocast, cfg, 1, [])
+        results.append((record["grad_norm"], [p.detach().clone() for p in m.lora_params]))
+    (norm, params), (scaled_norm, scaled_params) = results
+    assert norm > 0 and scaled_norm == pytest.approx(norm, rel=1e-4), f"norms {norm} and {scaled_norm} (scaled)"
+    torch.testing.assert_close(scaled_params, params, rtol=1e-4, atol=1e-6)
+
+
 def test_one_nan_loss_is_skipped_and_the_run_finishes(monkeypatch, tmp_path):
-    nan_loss_at(monkeypatch, {2})
+    nan_loss_at(monkeypatch, {2, 4})  # two bad steps, not in a row: a good step between resets the count
     out = tmp_path / "nan-once"
-    spo.main(FAST + ["--out", str(out)])
+    spo.main(FAST + ["--out", str(out), "--max-bad-steps", "2"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m.get("skipped") for m in metrics[:3]] == [None, "non-finite loss", None]
+    assert [m.get("skipped") for m in metrics] == [None, "non-finite loss", None, "non-finite loss"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -1593,12 +1646,18 @@ def recording_step(pipe, policy, reference, micro, *args):  # each pair this ran
     trained.extend(micro["win"].double().flatten(1).sum(1).tolist())
     return real_step(pipe, policy, reference, micro, *args)
 spo.train_micro_batch = recording_step
+seeds, real_pool = [], spo.sample_candidate_pool
+def recording_pool(*args):  # the seed of each prompt batch's sampling noise
+    seeds.append(args[-1].initial_seed())
+    return real_pool(*args)
+spo.sample_candidate_pool = recording_pool
 Path(cfg.out + f".pid{{rank}}").write_text(str(os.getpid()))  # so a test can signal one rank
 spo.dist.barrier()
 pipe = spo.train(cfg, rank=rank, world=world)
 if pipe is not None:  # every rank's LoRA, to compare them, and the pairs it trained on
     diffusion.save_lora(pipe.unet, cfg.out + f".rank{{rank}}.safetensors")
     Path(cfg.out + f".pairs{{rank}}.txt").write_text(repr(trained))
+    Path(cfg.out + f".seeds{{rank}}.txt").write_text(repr(seeds))
 spo.dist.destroy_process_group()
 """
 
@@ -1631,6 +1690,8 @@ def test_two_ranks_train_to_identical_loras(ddp_run):
     pairs0, pairs1 = (eval(Path(f"{ddp_run}.pairs{r}.txt").read_text()) for r in (0, 1))
     assert pairs0 and len(pairs0) == len(pairs1), "the ranks must train on equally many pairs"
     assert not set(pairs0) & set(pairs1), "the ranks must train on different shares of the pooled pairs"
+    seeds0, seeds1 = (eval(Path(f"{ddp_run}.seeds{r}.txt").read_text()) for r in (0, 1))
+    assert len(seeds0) == 2 and not set(seeds0) & set(seeds1), "each rank must sample its prompts with its own noise"
 
 
 def test_world_size_1_equals_the_single_process_run(tmp_path):
@@ -1734,7 +1795,7 @@ def diffusers_images(pipe, prompts, seeds, steps, cfg, eta=0.0):
 def test_generate_equals_diffusers_pipeline_for_the_same_seeds(golden_pipe, cfg, eta):
     """Same seeds, same noise: diffusers draws each image's latents (and with eta > 0 its step noise) from that
     image's generator, and so does generate(); with cfg 1 there is no guidance, with 5 it is batched."""
-    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 4]
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]  # not consecutive: seeds[i], not seeds[0] + i
     expected = diffusers_images(diffusers_pipeline(), prompts, seeds, 6, cfg, eta)
     ours = sample.generate(golden_pipe, prompts, seeds, 6, cfg, eta, 16, 16)
     diff = (ours.clamp(-1, 1) - expected).abs().max().item()
@@ -1795,7 +1856,7 @@ def test_scheduler_checkpoint_samples_as_diffusers_pipeline_with_the_checkpoints
     pipe = D.Pipeline(str(folder), ddim=False)
     name = RELEASED_SCHEDULERS[model]["_class_name"]
     assert type(pipe.scheduler).__name__ == name == type(ref.scheduler).__name__
-    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 4]
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]  # not consecutive: seeds[i], not seeds[0] + i
     for cfg in (1.0, 5.0):
         expected = ref(prompts, num_inference_steps=6, guidance_scale=cfg, height=32, width=32, output_type="pt",
                        generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
@@ -2156,6 +2217,8 @@ def test_score_lists_each_base_image_next_to_its_lora_image(tmp_path, capsys):
 def test_eval_reports_win_rate_computed_from_the_scores_it_lists(tmp_path, capsys):
     from PIL import Image
 
+    assert sample.summarize([1.0, 2.0, 3.0], [1.0, 1.0, 4.0])["lora_win_rate"] == 0.5, "a tie counts half a win"
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\n")
     out = tmp_path / "eval"
@@ -2192,11 +2255,12 @@ def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
 
     first = tmp_path / "first.png"
     sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--merge", "--prompt", "a red cat", "--seed", "11", "--cfg", "3",
-                              "--negative-prompt", "none", "--out", str(first)])  # "none" the text, once dropped
+                              "--negative-prompt", "none", "--lora-scale", "1.5", "--eta", "0.5",
+                              "--out", str(first)])  # "none" the text, once dropped as the 'not set' marker
     text = Image.open(first).text
-    expected = dict(prompt="a red cat", negative_prompt="none", seed="11", steps="3", cfg="3.0", eta="0.0",
+    expected = dict(prompt="a red cat", negative_prompt="none", seed="11", steps="3", cfg="3.0", eta="0.5",
                     height="16", width="16", sampler="DDIM", model="tiny", pretrained=str(PIPELINE), lora=str(LORA),
-                    lora_scale="1.0", lora_mode="merged", precision="fp32")
+                    lora_scale="1.5", lora_mode="merged", precision="fp32")
     assert {k: text.get(k) for k in expected} == expected, "PNG text chunks do not hold the generation settings"
     command = shlex.split(text["command"])
     assert command[:2] == ["python", "sample.py"]
@@ -2766,6 +2830,22 @@ def test_eval_command_prints_the_accuracy_table(trained, dataset, identity_sd, c
     assert [r[0] for r in rows] == ["0", "501"]
     last = [r for r in map(json.loads, (trained / "metrics.jsonl").read_text().splitlines()) if "accuracy" in r][-1]
     assert abs(float(rows[0][1]) - last["accuracy"]["0"]) < 1e-3, "eval must reproduce the run's last evaluation"
+
+
+def test_a_human_tie_counts_half_in_the_accuracy(dataset, identity_sd, tmp_path, capsys):
+    """Validation pairs that humans called a tie count half whichever image the SPM prefers: all ties, 0.5."""
+    import pyarrow.parquet as pq
+
+    shutil.copytree(dataset, tmp_path / "ties")
+    path = tmp_path / "ties" / "validation_unique-00000-of-00001.parquet"
+    rows = pq.read_table(path).to_pylist()
+    for row in rows:
+        row.update(label_0=0.5, label_1=0.5)
+    write_shard(path, rows)
+    code = pm.main(["eval", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(tmp_path / "ties"), "--eval-timesteps", "0", "501"])
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert code == 0 and [row[1] for row in table] == ["0.500", "0.500"], table
 
 
 def corrupt(dataset, tmp_path, change):

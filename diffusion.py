@@ -603,19 +603,19 @@ class Pipeline:
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
-        self.ddim = DDIMScheduler.from_config(self.scheduler.config)
-        sched = self.ddim.config
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        sched = ddim.config
         # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
         # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
-        n = len(self.ddim.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
+        n = len(ddim.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
         if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
             wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
         if ddim and wrong:  # with --scheduler checkpoint, diffusers steps the checkpoint's own scheduler
             raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
                             "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
-        self.alphas_cumprod = self.ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
+        self.alphas_cumprod = ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
         self.num_train_timesteps = sched.num_train_timesteps
         self.steps_offset = sched.steps_offset
         self.prediction_type = sched.prediction_type
@@ -765,26 +765,22 @@ def save_lora(unet, path):
     atomic_write(path, lambda tmp: save_file(lora_state_dict(unet), tmp, metadata=metadata))
 
 
-def load_lora(unet, path_or_state):
-    """Load a LoRA in any layout lora_modules reads into the LoRALinear layers of an injected UNet (--init-lora,
+def load_lora(unet, path):
+    """Load a LoRA file in any layout lora_modules reads into the LoRALinear layers of an injected UNet (--init-lora,
     resume). It must cover the same layers with the same rank and alpha (a file that declares none has alpha = r):
     a LoRA loaded at another alpha would silently act at another strength."""
-    if isinstance(path_or_state, dict):
-        source, (state, declared) = "the LoRA", (path_or_state, {"alpha": None, "alpha_pattern": {}})
-    else:
-        source, (state, declared) = path_or_state, read_lora_file(path_or_state)
-    modules = lora_modules(state, declared, unet)
+    modules = lora_modules(*read_lora_file(path), unet)
     layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
     missing, extra = [n for n in layers if n not in modules], [n for n in modules if n not in layers]
     if missing or extra:
-        raise UserError(f"{source} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
+        raise UserError(f"{path} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
                         f"{', '.join(missing[:2]) or '-'}), "
                         f"has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
     for name, (down, up, alpha) in modules.items():
         layer = layers[name]
         # isclose: files written before LoRALinear kept alpha hold alpha = scale * rank, e.g. 29.000000000000004
         if down.shape[0] != layer.rank or not math.isclose(alpha, layer.alpha, rel_tol=1e-9):
-            raise UserError(f"{source} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
+            raise UserError(f"{path} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
                             f"--lora-rank {layer.rank} --lora-alpha {layer.alpha:g}")
     with torch.no_grad():
         for name, (down, up, _) in modules.items():

@@ -523,11 +523,12 @@ def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
     unet, _ = lora_unet
     D.inject_lora(unet, 4, 4)
     good = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    no_alpha = {"alpha": None, "alpha_pattern": {}}  # what read_lora_file says of a file that declares none
     with pytest.raises(UserError, match="match no module"):
-        D.load_lora(unet, {**good, "unet.nowhere.lora.down.weight": torch.zeros(4, 32)})
+        D.lora_modules({**good, "unet.nowhere.lora.down.weight": torch.zeros(4, 32)}, no_alpha, unet)
     key = next(iter(good))
     with pytest.raises(UserError, match="shape"):
-        D.load_lora(unet, {**good, key: torch.zeros(8, 3)})
+        D.lora_modules({**good, key: torch.zeros(8, 3)}, no_alpha, unet)
 
 
 # ---- SPO training step ----

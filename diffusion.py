@@ -603,19 +603,19 @@ class Pipeline:
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
-        sched = ddim.config
+        ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        sched = ddim_scheduler.config
         # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
         # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
-        n = len(ddim.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
+        n = len(ddim_scheduler.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
         if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
             wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
         if ddim and wrong:  # with --scheduler checkpoint, diffusers steps the checkpoint's own scheduler
             raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
                             "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
-        self.alphas_cumprod = ddim.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
+        self.alphas_cumprod = ddim_scheduler.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
         self.num_train_timesteps = sched.num_train_timesteps
         self.steps_offset = sched.steps_offset
         self.prediction_type = sched.prediction_type
@@ -672,6 +672,7 @@ def resolve_lora(spec, flag):
     """A LoRA file: a file; in a folder (a spo.py run, a PEFT adapter) its pytorch_lora_weights.safetensors,
     adapter_model.safetensors or only .safetensors; on the hub 'owner/repo' (its pytorch_lora_weights.safetensors)
     or 'owner/repo/file'."""
+    spec = spec.rstrip("/") or spec  # 'owner/repo/' is 'owner/repo'
     path = Path(spec).expanduser()
     if path.is_dir():
         found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
@@ -889,7 +890,8 @@ def lora_family_problem(tensors, unet):
     elif signs := [k for k, width in widths.items() if width == SD1_CONTEXT_WIDTH]:
         return (f"this is an SD1.x LoRA ({signs[0]} reads a {SD1_CONTEXT_WIDTH}-wide text context), but the model is "
                 f"SDXL (cross-attention width {ours}); use it with an SD1.5 base model")
-    other = [(k, width) for k, width in widths.items() if width != ours]  # e.g. the tiny models' 32 and 64
+    # e.g. the tiny models' 32 and 64 (a UNet may give each block its own width: then only the families are told)
+    other = [(k, width) for k, width in widths.items() if isinstance(ours, int) and width != ours]
     return (f"this LoRA was made for another model: {other[0][0]} reads a {other[0][1]}-wide text context, this "
             f"model's cross-attention is {ours} wide") if other else None
 
@@ -955,8 +957,8 @@ def apply_lora(unet, modules, scale=1.0):
     by scale * alpha / r. Ranks may differ between modules. lora_disabled(unet) switches them all off again."""
     for name, (down, up, alpha) in modules.items():
         parent, _, child = name.rpartition(".")
-        rank = down.shape[0]
-        layer = LoRALinear(unet.get_submodule(name), rank, scale * alpha)  # branch scale: scale * alpha / r
+        layer = LoRALinear(unet.get_submodule(name), down.shape[0], alpha)
+        layer.scale = scale * alpha / down.shape[0]  # as lora_merged forms it; .alpha stays the LoRA's own
         with torch.no_grad():
             layer.lora.down.weight.copy_(down)
             layer.lora.up.weight.copy_(up)
@@ -1070,9 +1072,10 @@ def load_optimizer_state(path, optimizer, scaler, device):
 def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
     """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""
     step_ratio = num_train_timesteps // num_steps
-    if (num_steps - 1) * step_ratio + steps_offset >= num_train_timesteps:  # 1000 steps of 1000 start at t = 1000
-        raise UserError(f"--steps {num_steps} is too many for this scheduler: the first DDIM timestep would be "
-                        f"{(num_steps - 1) * step_ratio + steps_offset}, past its {num_train_timesteps} timesteps")
+    # 1000 steps of 1000 would start at t = 1000; more steps than timesteps would all be t = steps_offset
+    if step_ratio == 0 or (num_steps - 1) * step_ratio + steps_offset >= num_train_timesteps:
+        raise UserError(f"--steps {num_steps} is too many: its DDIM timesteps do not fit the scheduler's "
+                        f"{num_train_timesteps} (steps_offset {steps_offset})")
     return torch.arange(num_steps - 1, -1, -1) * step_ratio + steps_offset
 
 

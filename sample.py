@@ -471,7 +471,6 @@ def validate(args):
         (not (args.random_init and (args.score or args.eval)),
          "--random-init draws random weights to time sampling: --score and --eval would judge noise with "
          "downloaded scorers"),
-        # more steps than training steps would repeat t = 1
         # 1000 steps of SD's 1000 training timesteps would start at t = 1000 (steps_offset 1)
         (args.steps < 1000, f"--steps must be < 1000 (the training timesteps), got {args.steps}"),
         (args.precision == "fp32" or not (args.merge or args.save_merged),
@@ -506,7 +505,10 @@ def validate(args):
                (args.save_merged, "--save-merged", False)]
     problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
-    if existing := [] if args.overwrite or args.benchmark else [p for p in files_written(args) if p.exists()]:
+    out_ok = not any(msg.startswith("--out") for msg in problems)  # else exists() may fail: a folder we cannot read
+    check = out_ok and not (args.overwrite or args.benchmark)
+    existing = [p for p in files_written(args) if p.exists()] if check else []
+    if existing:
         problems.append(f"--out {args.out} already holds {existing[0].name}"
                         + (f" and {len(existing) - 1} more of this run's files" if len(existing) > 1 else "")
                         + ": pass --overwrite to replace them, or another --out")

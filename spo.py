@@ -466,7 +466,7 @@ def load_checkpoint(folder, unet, optimizer, scaler, device, params):
 def setup_models(cfg, scorer=None, world=1):
     """Device and precision, the frozen pipeline with the LoRA injected, the views of its UNet, the judge and the
     optimizer. Frozen weights are in the run's dtype, LoRA parameters in fp32."""
-    distributed_cuda = cfg.device == "cuda" and world > 1
+    distributed_cuda = cfg.device.startswith("cuda") and world > 1  # each rank its LOCAL_RANK's GPU, as torchrun means
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if distributed_cuda else cfg.device)
     dtype = DTYPES[cfg.precision]
     if device.type == "cpu" and dtype != torch.float32:
@@ -481,8 +481,9 @@ def setup_models(cfg, scorer=None, world=1):
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:
+        init_lora = resolve_lora(cfg.init_lora, "--init-lora")
         try:
-            load_lora(pipe.unet, resolve_lora(cfg.init_lora, "--init-lora"))
+            load_lora(pipe.unet, init_lora)
         except UserError as err:
             raise UserError(f"--init-lora {cfg.init_lora}: {err}") from None
         keep_as_reference(pipe.unet)  # before --resume loads a checkpoint's LoRA over it
@@ -857,7 +858,7 @@ def validate(cfg):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
                             "pass --resume to continue that run or --overwrite to replace it")
-        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).resolve().is_relative_to(out.resolve())
+        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).expanduser().resolve().is_relative_to(out.resolve())
                                                             for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
             problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
                             "the current directory, --prompts or --init-lora): remove it yourself if that is meant")

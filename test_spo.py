@@ -302,8 +302,9 @@ def test_ddim_log_prob_and_gradient_equal_official(dtype, policy):
 def test_ddim_timesteps_are_leading_with_offset():
     assert D.ddim_timesteps(20).tolist() == DDIM["scheduler_timesteps"].tolist()
     assert D.ddim_timesteps(999)[0] == 999 and D.ddim_timesteps(1000, steps_offset=0)[0] == 999
-    with pytest.raises(UserError, match="the first DDIM timestep would be 1000, past its 1000 timesteps"):
-        D.ddim_timesteps(1000)  # it was an IndexError in the first step
+    for steps in (1000, 1001):  # t = 1000 was an IndexError in the first step; 1001 steps would all be t = 1
+        with pytest.raises(UserError, match=f"--steps {steps} is too many: its DDIM timesteps do not fit"):
+            D.ddim_timesteps(steps)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -517,6 +518,18 @@ def test_lora_alpha_is_kept_as_given_for_any_rank(lora_unet, tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 7, "lora_alpha": 29, "use_rslora": True}))
     with pytest.raises(UserError, match="rsLoRA"):  # scaled by alpha / sqrt(r), it would act at another strength
         D.load_lora(unet, tmp_path / "peft" / "adapter_model.safetensors")
+
+
+def test_resolve_lora_finds_files_folders_and_hub_names(tiny_run, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(D, "resolve_file", lambda spec, flag: asked.append(spec) or spec)  # the hub download
+    assert D.resolve_lora(str(tiny_run), "--lora") == tiny_run / "pytorch_lora_weights.safetensors"
+    for spec in ("owner/repo", "owner/repo/", "owner/repo/sub/file.safetensors"):
+        D.resolve_lora(spec, "--lora")
+    assert asked == ["owner/repo/pytorch_lora_weights.safetensors"] * 2 + ["owner/repo/sub/file.safetensors"]
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="--lora: no such file or folder: .*runs/sd15x"):  # a typo, not a hub id
+        D.resolve_lora(str(tmp_path / "runs" / "sd15x"), "--lora")
 
 
 def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
@@ -2419,6 +2432,11 @@ def test_sample_never_overwrites_an_image_unless_told(tmp_path, capsys):
         sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--out", str(tmp_path / "run")])
     assert "already holds 000-a-red-cat-seed0.png: pass" in capsys.readouterr().err
     sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--seed", "1", "--out", str(tmp_path / "run")])
+    compare = GOLDEN_RUN + ["--lora", str(LORA), "--compare", "--prompt", "a red cat", "--prompt", "a red dog",
+                            "--n", "2", "--out", str(tmp_path / "compare")]
+    sample.main(compare)  # the names a --compare run checks are exactly the files it writes
+    assert sorted(sample.files_written(sample.parse_args(compare[:-2] + ["--out", str(tmp_path / "x")]))) == sorted(
+        (tmp_path / "x") / p.name for p in (tmp_path / "compare").iterdir())
     with pytest.raises(SystemExit):
         sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path / "cat.jpg")])
     assert "images are written as PNG, so name a .png file or a folder" in capsys.readouterr().err

@@ -743,6 +743,10 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--k", "1"], "--k must be at least 2"),
     (["--threshold", "1.5"], "--threshold must be in [0, 1)"),
     (["--eps", "0"], "--eps must be in (0, 1)"),
+    (["--threshold", "1"], "--threshold must be in [0, 1)"),
+    (["--threshold", "-0.1"], "--threshold must be in [0, 1)"),
+    (["--eps", "1"], "--eps must be in (0, 1)"),
+    (["--divert-start-step", "-1"], "--divert-start-step must be in [0, --steps)"),
     (["--beta", "-1"], "--beta must be > 0"),
     (["--divert-start-step", "6"], "--divert-start-step must be in [0, --steps)"),
     (["--no-pool-at-last-step", "--divert-start-step", "5"], "the last step cannot start a pool"),
@@ -3216,3 +3220,152 @@ def test_help_documents_every_setting_with_its_default(capsys):
         assert "--" + f.name.replace("_", "-") in text, f"--help lacks --{f.name}"
     assert "passes over the prompts (default: 10, tiny: 2, tiny-sdxl: 2)" in text
     assert "candidates per pool (default: 4, sdxl: 2, tiny-sdxl: 2)" in text and "DPO temperature (default: 10.0)" in text
+
+
+# ---- more properties, each once left unguarded (a wrong implementation passed every test above) ----
+
+def test_peft_alpha_pattern_matches_module_path_ends(tmp_path):
+    """PEFT's alpha_pattern applies to a module whose path ends in the pattern at a dot boundary, nowhere else."""
+    unet = base_unet()
+    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    peft = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+            for k, v in official.items()}
+    save_file(peft, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 4, "alpha_pattern": {"o_k": 3.0, "down_blocks.0": 2.0, "attn1.to_q": 8.0}}))
+    modules = sample.load_lora_modules(str(tmp_path), unet)
+    alphas = {n: a for n, (_, _, a) in modules.items()}
+    assert {a for n, a in alphas.items() if n.endswith(".attn1.to_q")} == {8.0}
+    assert {a for n, a in alphas.items() if not n.endswith(".attn1.to_q")} == {4.0}, (
+        "a pattern matched inside a path (down_blocks.0) or inside a name (o_k for to_k)")
+
+
+def test_a_webui_alpha_tensor_wins_over_a_declared_alpha(tmp_path):
+    unet = base_unet()
+    modules = {n: (d, u, 8.0) for n, (d, u, _) in sample.load_lora_modules(str(LORA), unet).items()}
+    D.save_lora_webui(modules, tmp_path / "w.safetensors", unet)
+    save_file(load_file(str(tmp_path / "w.safetensors")), tmp_path / "both.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4})})
+    assert {a for _, _, a in sample.load_lora_modules(str(tmp_path / "both.safetensors"), unet).values()} == {8.0}
+
+
+def test_peft_keys_with_the_adapter_name_load_like_plain_ones(tmp_path, lora_io):
+    unet = base_unet()
+    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    named = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.default.")
+             .replace(".lora.up.", ".lora_B.default."): v for k, v in official.items()}
+    save_file(named, tmp_path / "named.safetensors")
+    D.apply_lora(unet, sample.load_lora_modules(str(tmp_path / "named.safetensors"), unet))
+    torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4)
+
+
+def test_lora_disabled_switches_the_lora_back_on_after_an_exception(lora_unet):
+    unet, io = lora_unet
+    D.inject_lora(unet, 4, 4)
+    with pytest.raises(KeyError), D.lora_disabled(unet):
+        raise KeyError("a failure inside the reference forward")
+    assert all(layer.enabled for layer in D.lora_layers(unet)), "an exception left the LoRA switched off"
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_an_sdxl_vae_that_asks_for_upcast_runs_in_fp32(force_upcast, tmp_path):
+    folder = tmp_path / "sdxl"
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
+    path = folder / "vae" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), force_upcast=force_upcast)))
+    pipe = D.Pipeline(str(folder), dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert pipe.vae.dtype == (torch.float32 if force_upcast else torch.bfloat16)
+
+
+def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    saved = json.loads((out / "config.json").read_text())
+    for flag, value in (("--threshold", saved["threshold"] + 0.05), ("--lora-alpha", saved["lora_alpha"] * 2)):
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(out), "--resume", flag, str(value)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "these settings differ from the run" in err
+        assert flag[2:].replace("-", "_") in err, err
+
+
+def test_keep_keeps_the_newest_checkpoints(tiny_run, tmp_path):
+    out = tmp_path / "kept"
+    spo.main(FAST + ["--out", str(out), "--keep", "1"])
+    assert [d.name for d in spo.checkpoint_dirs(out)] == [spo.checkpoint_dirs(tiny_run)[-1].name]
+
+
+def test_overwrite_starts_the_run_afresh(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    spo.main(FAST[:-1] + ["1", "--out", str(out), "--overwrite"])
+    assert len(spo.checkpoint_dirs(out)) == 1, "the replaced run's checkpoints survived --overwrite"
+    assert {json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {0}
+
+
+def test_cli_score_is_the_score_at_the_timestep_asked(capsys, png_files):
+    model = pm.load_preference_model("spm", "tiny", "tiny", "tiny")
+    with torch.no_grad():
+        scores = {t: model.score(pm.load_image(png_files[0]), model.tokenize(["a red cat"]), t).item() for t in (0, 500)}
+    assert f"{scores[0]:.4f}" != f"{scores[500]:.4f}", "pick images or t where the tiny SPM tells the steps apart"
+    assert pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], "--timestep", "500"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == f"{scores[500]:.4f}"
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_named(tmp_path, spm_folders):
+    state = load_file(SPM_GOLDEN / "spm_official.safetensors")
+    state["model.t_embedder.mlp.0.weight"] = state["model.t_embedder.mlp.0.weight"][:, :-1].contiguous()
+    save_file(state, tmp_path / "reshaped.safetensors")
+    with pytest.raises(UserError, match=r"wrong shape 1 \(model.t_embedder.mlp.0.weight\)"):
+        pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "reshaped.safetensors"))
+
+
+def test_files_written_names_eval_json(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
+                              "--out", str(tmp_path)])
+    assert tmp_path / "eval.json" in sample.files_written(args)
+
+
+def test_decode_in_chunks_equals_one_batch():
+    pipe = D.Pipeline("tiny")
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pipe.decode(latents, chunk=2), pipe.decode(latents, chunk=5), rtol=0, atol=1e-5)
+
+
+def test_resume_starts_from_the_newest_checkpoint(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    names = [d.name for d in spo.checkpoint_dirs(out)]
+    assert len(names) == 2 and names == sorted(names)
+    capsys.readouterr()
+    spo.main(FAST + ["--out", str(out), "--resume"])
+    assert f"from {names[-1]} " in capsys.readouterr().out
+
+
+def test_each_epoch_reshuffles_the_row_groups_and_their_rows(dataset):
+    train = pm.row_groups(pm.find_shards(str(dataset), "train"))
+    in_order = stream_keys(pm.read_rows(train, 8, False), 512)
+    starts = list(itertools.accumulate([0] + [n for *_, n in train]))
+    group_of = {key: next(g for g in range(len(train)) if starts[g] <= i < starts[g + 1]) for i, key in enumerate(in_order)}
+    assert len(group_of) == 512 and len(train) > 2
+    stream = stream_keys(pm.read_rows(train, 8, False, seed=3), 1024)
+    epochs = stream[:512], stream[512:]
+    assert all(sorted(e) == sorted(in_order) for e in epochs), "an epoch must hold every pair once"
+    group_orders = [list(dict.fromkeys(group_of[k] for k in e)) for e in epochs]
+    assert group_orders[0] != group_orders[1], "both epochs read the row groups in one order"
+    rows_of = lambda e, g: [k for k in e if group_of[k] == g]
+    assert all(rows_of(epochs[0], g) != rows_of(epochs[1], g) for g in range(len(train)) if train[g][3] > 2), (
+        "a row group's rows come in the same order in both epochs")
+
+
+def test_a_setting_missing_from_an_old_run_counts_as_its_default(tiny_run, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out)
+    config = json.loads((out / "config.json").read_text())
+    del config["num_inner_step"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--resume", "--num-inner-step", str(spo.Config.num_inner_step + 1)])
+    assert exit_info.value.code == 2 and "num_inner_step" in capsys.readouterr().err

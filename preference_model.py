@@ -142,7 +142,7 @@ class PickScoreModel(nn.Module):
         base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip(specs, tiny)]
         base, processor = (os.path.expanduser(s) for s in (str(base), str(processor)))  # a quoted '~/...' too
         for spec, flag in zip((base, processor), flags):
-            if str(spec).startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():  # local, not a hub id
+            if spec.startswith(("/", ".")) and not Path(spec).is_dir():  # a local path (expanded above), not a hub id
                 raise UserError(f"{flag}: no such folder: {spec}")
             offline_if_hub_unreachable(spec)
         try:

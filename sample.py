@@ -134,7 +134,8 @@ def image_settings(args, prompt, seed, with_lora):
     command += ["--merge"] if with_lora and args.merge else []
     command += ["--random-init"] if args.random_init else []
     settings = {k: "none" if v is None else v for k, v in flags.items()}
-    settings.update(sampler=args.sampler_name, lora=settings.get("lora", "none"))
+    settings.setdefault("lora", "none")
+    settings["sampler"] = args.sampler_name  # e.g. PNDMScheduler: a record, not a flag
     if with_lora:
         settings.update(lora_mode="merged" if args.merge else "applied")
     if args.random_init:  # pretrained then names only the architecture

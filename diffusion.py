@@ -1,7 +1,9 @@
 """The pieces that spo.py, sample.py and preference_model.py all need, in one flat module.
 
-Model presets and loading, the tiny offline models, hand-rolled LoRA and its file formats, the DDIM step with
-its log-probability, and what every command line needs (input checks, atomic files, several GPUs, image grids).
+In reading order: the model presets; the paper's machinery, hand-rolled: LoRA, and the DDIM step with its
+log-probability; LoRA files in every layout; loading models from hub ids and local folders; the architectures
+(the tiny offline models, --random-init); and what every command line needs (input checks, atomic files, several
+GPUs, image grids).
 Imports run one way: this file imports none of the three scripts.
 """
 import argparse
@@ -21,8 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+
 # ----------------------------------------------------------------------------------------------
-# Presets: everything that differs between base models. Defaults of the scripts come from here.
+# Presets: where each base model, its VAE and its judge come from, and the resolution. (Each script keeps its own
+# per-model settings next to its defaults: spo.PRESET_OVERRIDES, sample.SAMPLING, preference_model.TRAIN_DEFAULTS.)
 
 SPM_HUB_REPO = "SPO-Diffusion-Models/Step-Aware_Preference_Models"  # the authors' released SPMs
 PRESETS = {
@@ -55,633 +59,6 @@ PRESETS = {
                       spm_checkpoint="tiny"),
 }
 TINY_MODELS = ("tiny", "tiny-sdxl")
-
-
-def quiet_libraries():
-    """Silence diffusers' and transformers' info logs and loading bars: our own progress bars say what happens."""
-    import diffusers
-    import transformers
-
-    # diffusers' hub calls pass an argument huggingface_hub deprecated: its warning would be a second error line
-    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-    # torch 2.13 renames DDP's broadcast_buffers=False (no buffer sync each forward), which torch < 2.13 needs
-    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-class UserError(Exception):
-    """A problem with the user's input: the scripts print its message on one line and exit 2."""
-
-
-class TrainingAborted(Exception):
-    """Too many non-finite steps in a row: the run stops with exit code 1, keeping its last good checkpoint."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def finite_float(text):
-    """argparse type for every float setting: nan or inf would not fail, it would train a NaN model to the end."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-MAX_SEED = 2**32 - 1  # seeds are mixed into derived seeds; torch's generators take at most 64 bits
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the --precision flags
-
-
-def output_problem(path, flag, is_file):
-    """Why `path` cannot be written (as a file, or as a folder), or None: checked before anything is written."""
-    if not str(path).strip():
-        return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        return f"{flag} {path} is a broken link"
-    try:
-        if is_file and path.is_dir():
-            return f"{flag} {path} is a folder, not a file"
-        if not is_file and path.exists() and not path.is_dir():
-            return f"{flag} {path} is a file, not a folder"
-        # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
-        where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
-        # A real write, as os.access says yes to root even in /proc (holds_files overlooks the probe, which another
-        # torchrun rank may be making while this one checks that the folder is empty)
-        writable = where.is_dir() and can_create_in(where)
-        if not writable or (path.is_file() and not os.access(path, os.W_OK)):
-            return f"{flag} {path} cannot be written: {where} is not a writable folder"
-    except OSError as err:  # e.g. a folder we may not even look into
-        return f"{flag} {path}: {err.strerror or err}"
-    return None
-
-
-def device_problem(device):
-    """Why --device cannot be used on this machine, or None."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        return f"--device must be cpu or cuda[:N], got {device}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return f"--device {device}, but no CUDA device is available"
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        return f"--device {device}, but this machine has {torch.cuda.device_count()} CUDA devices"
-    return None
-
-
-WRITE_PROBE = ".spo-write-test-"
-
-
-def can_create_in(folder):
-    """Whether a file can be made in `folder`: made, then removed."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(probe)
-    return True
-
-
-def holds_files(folder):
-    """Whether an existing folder holds anything but another process's write probe."""
-    return any(not p.name.startswith(WRITE_PROBE) for p in Path(folder).iterdir())
-
-
-def check_text(texts, flag):
-    """Text that UTF-8 cannot encode (a lone surrogate, or undecodable bytes on the command line) would reach the
-    tokenizer as an error that names nothing."""
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"{flag}: not valid Unicode text: {text.encode('utf-8', 'replace').decode()!r}") from None
-
-
-def read_json(path, flag):
-    """A JSON object a run wrote (config.json, progress.json); a damaged file is a UserError that names it."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:  # ValueError: also JSONDecodeError and UnicodeDecodeError
-        raise UserError(f"{flag}: {path} is unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{flag}: {path} is not a JSON object")
-    return value
-
-
-def read_metrics(path):
-    """The records of a run's metrics.jsonl, each with its "step". A last line cut short (the run was killed while
-    writing it) is dropped; damage anywhere else is a UserError."""
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
-    except OSError as err:
-        raise UserError(f"--resume: {path}: {err.strerror or err}") from None
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"--resume: {path} line {i + 1} is not a metrics record")
-        records.append(record)
-    return records
-
-
-def remove_unstarted_run(out, created):
-    """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
-    the run made it, else what is in it."""
-    if not out.is_dir() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
-        return
-    try:
-        for path in [out] if created and not out.is_symlink() else list(out.iterdir()):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    except OSError:  # cleaning up must not hide the error that stopped the run
-        pass
-
-
-def read_prompts(path, flag):
-    """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
-    one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
-    if not Path(path).is_file():
-        raise UserError(f"{flag}: no such file: {path}")
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows editors start files with a BOM
-    except UnicodeDecodeError as err:
-        raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise UserError(f"{flag} {path}: {err.strerror or err}") from None
-    if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
-        try:
-            items = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:  # refused, not guessed: JSON Lines, a trailing comma
-            raise UserError(f"{flag} {path}: invalid JSON ({err}); a text file of prompts must not start with "
-                            "'[' or '{'") from None
-        if not isinstance(items, list):
-            raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
-        prompts = [item.get("caption") if isinstance(item, dict) else item for item in items]
-        wrong = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        if wrong:
-            raise UserError(f"{flag} {path}: entry {wrong[0]} is not a string or a {{\"caption\": string}} object")
-    else:
-        prompts = text.splitlines()
-    kept = [p.strip() for p in prompts if p.strip()]
-    check_text(kept, f"{flag} {path}")
-    if not kept:
-        raise UserError(f"{flag} {path}: no prompts in the file")
-    if len(kept) < len(prompts):
-        print(f"{flag}: dropped {len(prompts) - len(kept)} empty prompts", file=sys.stderr)
-    return kept
-
-
-# ----------------------------------------------------------------------------------------------
-# Several GPUs: torchrun starts one process per GPU. spo.py and `preference_model.py train` both use these.
-
-
-def setup_distributed():
-    """(rank, world size); a process group only under torchrun (NCCL on CUDA, gloo on CPU)."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def all_ranks_sum(values, world):
-    """Python numbers summed over ranks in one all-reduce: the metrics rank 0 writes speak for the whole run."""
-    if world == 1:
-        return [float(v) for v in values]
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def stop_together(problem, world):
-    """Raise on every rank if any rank met input it cannot use (`problem`: its UserError, or None), at a point all
-    ranks pass: a rank that failed alone would leave the others waiting in a collective for a peer that is gone, and
-    torchrun would report a dead peer instead of the bad row."""
-    if world > 1:
-        rank = torch.distributed.get_rank()
-        failed = all_ranks_sum([problem is not None and r == rank for r in range(world)], world)
-        if problem is None and any(failed):
-            raise UserError(f"rank {failed.index(1.0)} stopped at input it cannot use (its own error line says which)")
-    if problem is not None:
-        raise problem
-
-
-class StopSignal:
-    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current step (an
-    optimizer step, or in spo.py a micro-batch), writes a checkpoint and exits cleanly. A second Ctrl-C stops at
-    once."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------------------------
-# The project's cache folder, where the tiny models are built once.
-
-def cache_dir():
-    return Path(os.environ.get("SPO_CACHE", Path.home() / ".cache" / "spo"))
-
-
-def build_once(name, build):
-    """Return cache_dir()/name, calling build(folder) the first time.
-
-    The folder is built under a temporary name and renamed into place, so a concurrent process
-    either sees nothing or a complete folder, never a half-written one. `name` carries a version
-    so a changed recipe never loads stale files.
-    """
-    final = cache_dir() / name
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        # transformers writes weights only on rank 0 of a process group: rank 0 builds, the others wait for it
-        # (a shared cache folder, as on one machine; the tiny models are for tests, not multi-node runs).
-        while not final.exists():
-            time.sleep(0.2)
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        build(tmp)
-        os.rename(tmp, final)  # atomic; fails if another process won the race
-        print(f"built {final}", file=sys.stderr)
-    except OSError:
-        if not final.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _bytes_to_unicode():
-    # CLIP's byte-level BPE alphabet: every byte maps to a printable unicode character.
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-          *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + len(cs) - 188)
-    return dict(zip(bs, map(chr, cs)))
-
-
-TINY_WORDS = ["a", "photo", "of", "the", "cat", "dog", "lake", "red", "on", "an", "beautiful", "image"]
-
-
-def write_tiny_tokenizer(folder, pad_token, max_length=16):
-    """A real CLIP BPE tokenizer with a tiny vocabulary: 256 bytes, 256 word-final bytes, a few
-    merges that spell TINY_WORDS, then bos and eos (the last id, like CLIP's). Written as the
-    ordinary vocab.json/merges.txt pair and loaded by transformers' CLIPTokenizer."""
-    from transformers import CLIPTokenizer
-
-    alphabet = list(_bytes_to_unicode().values())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges = []
-    for word in TINY_WORDS:  # merge left to right: p h -> ph, ph o -> pho, ..., phot o</w>
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merged = symbols[0] + symbols[1]
-            if merged not in vocab:
-                merges.append(f"{symbols[0]} {symbols[1]}")
-                vocab.append(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
-                        model_max_length=max_length)
-    tok.save_pretrained(folder)
-    return tok
-
-
-# The architectures, as the released checkpoints' config.json files give them. The tiny ones are built, seeded and
-# saved once (the offline test models); every entry can also be built with random weights (--random-init), to
-# measure speed and memory at full size without a download. SDXL adds a second text encoder (OpenCLIP bigG) and
-# the UNet's "text_time" embedding of the pooled prompt and the image size (Podell et al. 2023, Sec. 2.2).
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32)
-TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-ARCHITECTURES = {
-    "tiny": dict(
-        text_encoder=TINY_CLIP,
-        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=TINY_VAE),
-    "sd15": dict(
-        text_encoder=CLIP_L,
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                  cross_attention_dim=768, attention_head_dim=8,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(SD_VAE, sample_size=512)),
-    # SDXL's block layout in miniature: layers_per_block 2 keeps the webui (SGM) block numbers of SDXL itself.
-    "tiny-sdxl": dict(
-        text_encoder=TINY_CLIP,
-        text_encoder_2=dict(TINY_CLIP, hidden_act="gelu"),
-        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
-                  attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
-                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
-        vae=dict(TINY_VAE, scaling_factor=0.13025, force_upcast=False)),
-    "sdxl": dict(
-        text_encoder=CLIP_L,
-        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
-        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2816,  # 6 size numbers x 256 + the pooled 1280
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
-        vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False)),  # the fp16-fix VAE's config
-}
-
-
-@contextlib.contextmanager
-def seeded_weights(device):
-    """Random weights drawn from seed 0, the caller's RNG state untouched: every torchrun rank, a resumed run and
-    a PNG's own command build the same random-init model."""
-    cuda = torch.device(device).type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):  # restores the CPU's and this device's RNG
-        torch.default_generator.manual_seed(0)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(0)  # this device's generator only
-        yield
-
-
-def random_pipeline_parts(model, device="cpu", folder=None):
-    """Tokenizer(s), text encoder(s), UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights.
-    The tokenizers are the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend
-    on it. They are written to folder/tokenizer(_2), or to a temporary folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    arch = ARCHITECTURES[model]
-    folder = Path(folder or tempfile.mkdtemp())
-    parts = {}
-    # SD's tokenizer pads with its end token, SDXL's second one with "!" (id 0), as the released ones do.
-    for suffix, pad, cls in (("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)):
-        if "text_encoder" + suffix not in arch:
-            continue
-        config = arch["text_encoder" + suffix]
-        tokenizer = write_tiny_tokenizer(folder / f"tokenizer{suffix}", pad, config["max_position_embeddings"])
-        vocab = len(tokenizer) if model in TINY_MODELS else 49408  # CLIP's vocabulary size
-        with torch.device(device):  # initialise where the weights will live: much faster on a GPU
-            parts["text_encoder" + suffix] = cls(CLIPTextConfig(
-                vocab_size=vocab, **config, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        parts["tokenizer" + suffix] = tokenizer
-    with torch.device(device):
-        parts["unet"] = UNet2DConditionModel(**arch["unet"])
-        parts["vae"] = AutoencoderKL(**arch["vae"])
-    parts["scheduler"] = DDIMScheduler(  # the noise schedule SD1.5 and SDXL share
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1)
-    return parts
-
-
-def build_tiny_pipeline(folder, model):
-    """A tiny pipeline with seeded random weights, saved as an ordinary diffusers folder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    torch.manual_seed(0)
-    parts = random_pipeline_parts(model, folder=folder)
-    if model == "tiny-sdxl":
-        StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True).save_pretrained(folder)
-    else:
-        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(folder)
-
-
-def tiny_pipeline_path(model="tiny"):
-    return build_once({"tiny": "tiny-sd-v1", "tiny-sdxl": "tiny-sdxl-v1"}[model],
-                      lambda folder: build_tiny_pipeline(folder, model))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading: hub ids and local folders go through the same from_pretrained calls.
-
-def first_line(err):
-    """An exception's first line: library messages can go on for pages (torch's weights-only one goes on to
-    advise unsafe loading)."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def cannot_load(what, name, err, flag):
-    reason = first_line(err)
-    return UserError(f"cannot load {what} from '{name}': {reason} "
-                     f"(download it and pass a local folder or file with {flag})")
-
-
-def offline_if_hub_unreachable(name):
-    """Without a network huggingface_hub retries every file for minutes before it fails. So when `name` is not a
-    local path and the hub does not answer within 3 s, switch it to offline mode: models in the local HF cache
-    still load, anything else fails at once with a message that names the flag for a local folder."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if name is None or Path(str(name)).expanduser().exists() or constants.HF_HUB_OFFLINE:
-        return
-    try:
-        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
-    except OSError:
-        constants.HF_HUB_OFFLINE = True
-        os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def resolve_file(spec, flag):
-    """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
-    if spec is None or Path(spec).expanduser().is_file():  # expanduser: a quoted '~/...' reaches us as it is
-        return spec if spec is None else str(Path(spec).expanduser())
-    parts = str(spec).split("/")
-    looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).parent.exists()
-    if looks_local or len(parts) < 3:
-        raise UserError(f"{flag}: no such file: {spec}")
-    from huggingface_hub import hf_hub_download
-    offline_if_hub_unreachable(spec)
-    try:
-        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
-    except Exception as err:  # offline, missing, gated: all end the same way
-        raise cannot_load("file", spec, err, flag) from None
-
-
-class Pipeline:
-    """The parts of a Stable Diffusion (1.x or XL) checkpoint that SPO uses (no diffusers pipeline object)."""
-
-    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None, ddim=True):
-        """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
-        instead; vae: another VAE (hub id or folder) in place of the checkpoint's own; ddim: whether our DDIM will
-        sample it (sample.py --scheduler checkpoint does not)."""
-        import diffusers
-        from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        quiet_libraries()
-        # SDXL's model_index.json says whether an empty negative prompt is all zeros (diffusers' default: yes)
-        self.force_zeros = True
-        if random_init:
-            with seeded_weights(device):
-                self.__dict__.update(random_pipeline_parts(random_init, device))
-        else:
-            path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else os.path.expanduser(pretrained)
-            if Path(path).is_file():
-                raise UserError(f"--pretrained {pretrained} is a file: it takes a diffusers folder (with "
-                                "model_index.json) or a hub id")
-            offline_if_hub_unreachable(path)
-            try:  # model_index.json says which parts the checkpoint has: SDXL's include a second text encoder
-                index = DiffusionPipeline.load_config(path)
-                if not isinstance(index, dict):
-                    raise ValueError("model_index.json is not a JSON object")
-            except Exception as err:
-                raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
-            self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
-            scheduler = DDIMScheduler  # configured from the checkpoint's scheduler config
-            if not ddim:  # sample.py --scheduler checkpoint: the class model_index.json names (PNDM, Euler)
-                entry = index.get("scheduler")
-                name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-                scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
-                if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
-                    raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
-                                    f"scheduler ({entry!r})")
-            parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
-                     ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
-            if "text_encoder_2" in index:
-                parts += [("tokenizer_2", CLIPTokenizer), ("text_encoder_2", CLIPTextModelWithProjection)]
-            for sub, cls in parts:
-                try:
-                    setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
-                except Exception as err:
-                    raise cannot_load(sub, pretrained, err, "--pretrained") from None
-        if vae and not random_init:  # random-init builds the preset's VAE (for SDXL with the fp16-fix config)
-            offline_if_hub_unreachable(vae)
-            try:
-                self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
-            except Exception as err:
-                raise cannot_load("the VAE", vae, err, "--vae") from None
-        self.is_sdxl = hasattr(self, "text_encoder_2")
-        self.encoders = [(self.tokenizer, self.text_encoder)] + (
-            [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
-        for m in (*(enc for _, enc in self.encoders), self.vae, self.unet):
-            m.requires_grad_(False).eval().to(device, dtype)
-        if self.is_sdxl and self.vae.config.force_upcast:
-            self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
-        # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
-        ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        sched = ddim_scheduler.config
-        # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
-        # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
-        wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
-                                                     ("timestep_spacing", "leading")) if sched[k] != ours]
-        n = len(ddim_scheduler.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
-        if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
-            wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
-        if ddim and wrong:  # with --scheduler checkpoint, diffusers steps the checkpoint's own scheduler
-            raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
-                            "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
-        self.alphas_cumprod = ddim_scheduler.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
-        self.num_train_timesteps = sched.num_train_timesteps
-        self.steps_offset = sched.steps_offset
-        self.prediction_type = sched.prediction_type
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts, size):
-        """The UNet's conditioning for each prompt, a dict of tensors with the prompt as first dimension:
-        "text" (b, L, D), and for SDXL also "pooled" (b, 1280) and "time_ids" (b, 6). size: (height, width) in
-        pixels. Always the pipeline's own tokenizers, never the preference model's."""
-        hidden = []
-        for tokenizer, encoder in self.encoders:
-            ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-            out = encoder(ids.to(encoder.device), output_hidden_states=self.is_sdxl)
-            # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Sec. 2.1)
-            hidden.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
-        cond = {"text": torch.cat(hidden, dim=-1)}
-        if self.is_sdxl:
-            h, w = size  # SDXL's size conditioning: original size, crop top-left (0, 0), target size
-            cond["pooled"] = out.text_embeds  # the second encoder's projected end-of-text token
-            size_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device)
-            cond["time_ids"] = size_ids.expand(len(prompts), 6)  # (1, 6) -> (b, 6)
-        return cond
-
-    @torch.no_grad()
-    def encode_negative(self, n, size, prompt=""):
-        """The conditioning CFG pushes away from, for n prompts. SDXL checkpoints set force_zeros_for_empty_prompt
-        (SDXL base does): without a negative prompt the embeddings are zeros, as in diffusers and the official
-        SDXL training."""
-        cond = self.encode_prompts([prompt], size)
-        if self.is_sdxl and self.force_zeros and not prompt:
-            cond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
-        return take(cond, torch.zeros(n, dtype=torch.long))
-
-    @torch.no_grad()
-    def decode(self, latents, chunk=8):
-        """Latents -> images in [-1, 1] (not clamped), in chunks so VAE memory stays bounded. The VAE runs in its
-        own dtype, outside any autocast: an fp32 VAE (SDXL's own) would overflow in fp16."""
-        with torch.autocast(latents.device.type, enabled=False):
-            out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-                   for z in latents.split(chunk)]
-        return torch.cat(out).float()
-
-
-def take(cond, index):
-    """Rows of a conditioning dict: cond[index] for each tensor. index may repeat rows (a pool's k copies)."""
-    return {k: v[index.to(v.device) if torch.is_tensor(index) else index] for k, v in cond.items()}
-
-
-LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
-
-
-def resolve_lora(spec, flag):
-    """A LoRA file: a file; in a folder (a spo.py run, a PEFT adapter) its pytorch_lora_weights.safetensors,
-    adapter_model.safetensors or only .safetensors; on the hub 'owner/repo' (its pytorch_lora_weights.safetensors)
-    or 'owner/repo/file'."""
-    spec = spec.rstrip("/") or spec  # 'owner/repo/' is 'owner/repo'
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
-        if len(found) == 1 or (found and found[0].name in LORA_FILES):
-            return found[0]
-        raise UserError(f"{flag}: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
-    if not path.exists() and (spec.startswith(("/", ".", "~")) or path.parent.exists()):  # runs/sd15x: a typo
-        raise UserError(f"{flag}: no such file or folder: {spec}")
-    return Path(resolve_file(spec if path.is_file() or spec.count("/") > 1 else f"{spec}/{LORA_FILES[0]}", flag))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -766,34 +143,120 @@ def save_lora(unet, path):
     atomic_write(path, lambda tmp: save_file(lora_state_dict(unet), tmp, metadata=metadata))
 
 
-def load_lora(unet, path):
-    """Load a LoRA file in any layout lora_modules reads into the LoRALinear layers of an injected UNet (--init-lora,
-    resume). It must cover the same layers with the same rank and alpha (a file that declares none has alpha = r):
-    a LoRA loaded at another alpha would silently act at another strength."""
-    modules = lora_modules(*read_lora_file(path), unet)
-    layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
-    missing, extra = [n for n in layers if n not in modules], [n for n in modules if n not in layers]
-    if missing or extra:
-        raise UserError(f"{path} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
-                        f"{', '.join(missing[:2]) or '-'}), "
-                        f"has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
-    for name, (down, up, alpha) in modules.items():
-        layer = layers[name]
-        # isclose: files written before LoRALinear kept alpha hold alpha = scale * rank, e.g. 29.000000000000004
-        if down.shape[0] != layer.rank or not math.isclose(alpha, layer.alpha, rel_tol=1e-9):
-            raise UserError(f"{path} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
-                            f"--lora-rank {layer.rank} --lora-alpha {layer.alpha:g}")
-    with torch.no_grad():
-        for name, (down, up, _) in modules.items():
-            layers[name].lora.down.weight.copy_(down)
-            layers[name].lora.up.weight.copy_(up)
+# ----------------------------------------------------------------------------------------------
+# DDIM (Song et al. 2021) with the log-probability SPO needs. Symbols, as in the DDIM paper:
+#   a_t = alphas_cumprod[t] (alpha_t in DDIM),  x0 = pred_original_sample,  eps = pred_epsilon,
+#   std = sigma_t(eta) of eq. (16),  mean = the x_{t-1} of eq. (12) without the noise term.
+
+def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
+    """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""
+    step_ratio = num_train_timesteps // num_steps
+    # 1000 steps of 1000 would start at t = 1000; more steps than timesteps would all be t = steps_offset
+    if step_ratio == 0 or (num_steps - 1) * step_ratio + steps_offset >= num_train_timesteps:
+        raise UserError(f"--steps {num_steps} is too many: its DDIM timesteps do not fit the scheduler's "
+                        f"{num_train_timesteps} (steps_offset {steps_offset})")
+    return torch.arange(num_steps - 1, -1, -1) * step_ratio + steps_offset
 
 
-# Reading LoRAs made elsewhere, in each layout SPO LoRAs come in: ours and the official one
-# (`unet.<m>.lora.down/up.weight`), PEFT (`<m>.lora_A/lora_B.weight`) and webui/kohya
-# (`lora_unet_<m with dots as underscores>.lora_down/lora_up.weight` and `.alpha`, where <m> is the diffusers name
-# or the original SGM/LDM one, see sgm_name). Whatever the layout, a module's LoRA becomes one entry
-# {module name: (down (r, in), up (out, r), alpha)}: W' = W + alpha/r * up @ down.
+def ddim_step(model_output, t, x_t, alphas_cumprod, step_ratio, eta, prediction_type="epsilon"):
+    """One DDIM step from x_t: returns (x0, mean, std) with x_{t-1} = mean + std * z, z ~ N(0, I).
+
+    Scheduler coefficients are formed in float32 from the float32 alphas_cumprod, as the official code does
+    (golden README N4), then cast to the sample's dtype: a no-op for our float32 latents, an upcast for the
+    golden float64 (f64_) vectors. t is an int64 tensor, () or (B,)."""
+    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+    prev_t = (t - step_ratio).clamp(0, len(alphas_cumprod) - 1)  # N2: clamp, so t=1 -> 0, never "alpha=1"
+    a_t, a_prev = alphas_cumprod[t], alphas_cumprod[prev_t]  # (B,) float32
+    variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2, eq. (16)
+    std = eta * variance ** 0.5
+    c = lambda v: v.view(-1, 1, 1, 1).to(x_t.dtype)  # (B,) -> (B, 1, 1, 1)
+    if prediction_type == "epsilon":
+        x0, eps = (x_t - c((1 - a_t) ** 0.5) * model_output) / c(a_t ** 0.5), model_output
+    elif prediction_type == "v_prediction":
+        x0 = c(a_t ** 0.5) * x_t - c((1 - a_t) ** 0.5) * model_output
+        eps = c(a_t ** 0.5) * model_output + c((1 - a_t) ** 0.5) * x_t
+    elif prediction_type == "sample":
+        x0, eps = model_output, (x_t - c(a_t ** 0.5) * model_output) / c((1 - a_t) ** 0.5)
+    else:
+        raise UserError(f"unsupported prediction_type {prediction_type!r}")
+    mean = c(a_prev ** 0.5) * x0 + c((1 - a_prev - std ** 2) ** 0.5) * eps  # eq. (12)
+    return x0, mean, std
+
+
+LOG_SQRT_2PI = torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))  # float32, as the official code forms it
+
+
+def ddim_log_prob(x_prev, mean, std):
+    """log N(x_prev; mean, std^2 I) per sample, a MEAN over C, H, W as in the official code (N1), not a sum."""
+    s = std.view(-1, 1, 1, 1)
+    dt = mean.dtype
+    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * s ** 2).to(dt) - torch.log(s).to(dt) - LOG_SQRT_2PI.to(dt)
+    return log_prob.mean(dim=(1, 2, 3))
+
+
+def predict_noise(unet, x, t, cond, uncond, cfg):
+    """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
+    x (n, c, h, w), t (n,), cond/uncond: conditioning dicts of n rows (Pipeline.encode_prompts). Inputs go in the
+    UNet's dtype, so this works with or without autocast (LoRALinear keeps its weights in fp32); latents and
+    the result stay float32."""
+    dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
+
+    def unet_call(x, t, c):
+        added = {"text_embeds": c["pooled"].to(dt), "time_ids": c["time_ids"].to(dt)} if "pooled" in c else None
+        return unet(x.to(dt), t, c["text"].to(dt), added_cond_kwargs=added).sample.float()
+
+    if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
+        return unet_call(x, t, cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    eps_uncond, eps_cond = unet_call(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return eps_uncond + cfg * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def ddim_sample(pipe, cond, uncond, latents, steps, cfg, eta=0.0, generator=None):
+    """Plain DDIM sampling from initial latents (b, 4, h, w) with conditioning dicts of b rows; returns the final
+    latents. With eta > 0 each step draws noise from `generator`, or from generator[i] for image i when it is a
+    list (as diffusers does with a list of generators), so an image's noise does not depend on its batch."""
+    step_ratio = pipe.num_train_timesteps // steps
+    for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
+        tt = torch.full((latents.shape[0],), t, device=latents.device)
+        eps = predict_noise(pipe.unet, latents, tt, cond, uncond, cfg)
+        _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
+        if eta == 0:
+            noise = 0
+        elif isinstance(generator, list):
+            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, device=latents.device)
+                               for g in generator])
+        else:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        latents = mean + std.view(-1, 1, 1, 1) * noise
+    return latents
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA files, in each layout SPO LoRAs come in: ours and the official one (`unet.<m>.lora.down/up.weight`), PEFT
+# (`<m>.lora_A/lora_B.weight`) and webui/kohya (`lora_unet_<m with dots as underscores>.lora_down/lora_up.weight` and
+# `.alpha`, where <m> is the diffusers name or the original SGM/LDM one, see sgm_name). Whatever the layout, a
+# module's LoRA becomes one entry {module name: (down (r, in), up (out, r), alpha)}: W' = W + alpha/r * up @ down.
+
+LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # what a LoRA folder holds
+
+
+def resolve_lora(spec, flag):
+    """A LoRA file: a file; in a folder (a spo.py run, a PEFT adapter) its pytorch_lora_weights.safetensors,
+    adapter_model.safetensors or only .safetensors; on the hub 'owner/repo' (its pytorch_lora_weights.safetensors)
+    or 'owner/repo/file'."""
+    spec = spec.rstrip("/") or spec  # 'owner/repo/' is 'owner/repo'
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
+        if len(found) == 1 or (found and found[0].name in LORA_FILES):
+            return found[0]
+        raise UserError(f"{flag}: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or path.parent.exists()):  # runs/sd15x: a typo
+        raise UserError(f"{flag}: no such file or folder: {spec}")
+    return Path(resolve_file(spec if path.is_file() or spec.count("/") > 1 else f"{spec}/{LORA_FILES[0]}", flag))
+
 
 LORA_KEY_PARTS = [(".lora.down.weight", "down"), (".lora.up.weight", "up"),  # ours / official
                   (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT
@@ -952,6 +415,29 @@ def lora_modules(tensors, declared, unet):
     return result
 
 
+def load_lora(unet, path):
+    """Load a LoRA file in any layout lora_modules reads into the LoRALinear layers of an injected UNet (--init-lora,
+    resume). It must cover the same layers with the same rank and alpha (a file that declares none has alpha = r):
+    a LoRA loaded at another alpha would silently act at another strength."""
+    modules = lora_modules(*read_lora_file(path), unet)
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
+    missing, extra = [n for n in layers if n not in modules], [n for n in modules if n not in layers]
+    if missing or extra:
+        raise UserError(f"{path} does not cover this run's LoRA layers: lacks {len(missing)} (e.g. "
+                        f"{', '.join(missing[:2]) or '-'}), "
+                        f"has {len(extra)} others (e.g. {', '.join(extra[:2]) or '-'})")
+    for name, (down, up, alpha) in modules.items():
+        layer = layers[name]
+        # isclose: files written before LoRALinear kept alpha hold alpha = scale * rank, e.g. 29.000000000000004
+        if down.shape[0] != layer.rank or not math.isclose(alpha, layer.alpha, rel_tol=1e-9):
+            raise UserError(f"{path} was trained with LoRA rank {down.shape[0]} and alpha {alpha:g}, this run uses "
+                            f"--lora-rank {layer.rank} --lora-alpha {layer.alpha:g}")
+    with torch.no_grad():
+        for name, (down, up, _) in modules.items():
+            layers[name].lora.down.weight.copy_(down)
+            layers[name].lora.up.weight.copy_(up)
+
+
 def apply_lora(unet, modules, scale=1.0):
     """Wrap each module of `modules` (from lora_modules) in a LoRALinear holding its weights, with the branch scaled
     by scale * alpha / r. Ranks may differ between modules. lora_disabled(unet) switches them all off again."""
@@ -1002,6 +488,560 @@ def save_lora_webui(modules, path, unet):
         state[stem + ".alpha"] = torch.tensor(float(alpha))
     metadata = {"format": "pt", "ss_network_module": "networks.lora"}  # what sd-scripts writes, for webui's UI
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: hub ids and local folders go through the same from_pretrained calls.
+
+def quiet_libraries():
+    """Silence diffusers' and transformers' info logs and loading bars: our own progress bars say what happens."""
+    import diffusers
+    import transformers
+
+    # diffusers' hub calls pass an argument huggingface_hub deprecated: its warning would be a second error line
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+    # torch 2.13 renames DDP's broadcast_buffers=False (no buffer sync each forward), which torch < 2.13 needs
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def first_line(err):
+    """An exception's first line: library messages can go on for pages (torch's weights-only one goes on to
+    advise unsafe loading)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def cannot_load(what, name, err, flag):
+    reason = first_line(err)
+    return UserError(f"cannot load {what} from '{name}': {reason} "
+                     f"(download it and pass a local folder or file with {flag})")
+
+
+def offline_if_hub_unreachable(name):
+    """Without a network huggingface_hub retries every file for minutes before it fails. So when `name` is not a
+    local path and the hub does not answer within 3 s, switch it to offline mode: models in the local HF cache
+    still load, anything else fails at once with a message that names the flag for a local folder."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if Path(name).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def resolve_file(spec, flag):
+    """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
+    if Path(spec).expanduser().is_file():  # expanduser: a quoted '~/...' reaches us as it is
+        return str(Path(spec).expanduser())
+    parts = str(spec).split("/")
+    looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).parent.exists()
+    if looks_local or len(parts) < 3:
+        raise UserError(f"{flag}: no such file: {spec}")
+    from huggingface_hub import hf_hub_download
+    offline_if_hub_unreachable(spec)
+    try:
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
+    except Exception as err:  # offline, missing, gated: all end the same way
+        raise cannot_load("file", spec, err, flag) from None
+
+
+class Pipeline:
+    """The parts of a Stable Diffusion (1.x or XL) checkpoint that SPO uses (no diffusers pipeline object)."""
+
+    def __init__(self, pretrained, device="cpu", dtype=torch.float32, random_init=None, vae=None, ddim=True):
+        """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
+        instead; vae: another VAE (hub id or folder) in place of the checkpoint's own; ddim: whether our DDIM will
+        sample it (sample.py --scheduler checkpoint does not)."""
+        import diffusers
+        from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        quiet_libraries()
+        # SDXL's model_index.json says whether an empty negative prompt is all zeros (diffusers' default: yes)
+        self.force_zeros = True
+        if random_init:
+            with seeded_weights(device), tempfile.TemporaryDirectory() as tokenizers:  # loaded into memory
+                self.__dict__.update(random_pipeline_parts(random_init, tokenizers, device))
+        else:
+            path = str(tiny_pipeline_path(pretrained)) if pretrained in TINY_MODELS else os.path.expanduser(pretrained)
+            if Path(path).is_file():
+                raise UserError(f"--pretrained {pretrained} is a file: it takes a diffusers folder (with "
+                                "model_index.json) or a hub id")
+            offline_if_hub_unreachable(path)
+            try:  # model_index.json says which parts the checkpoint has: SDXL's include a second text encoder
+                index = DiffusionPipeline.load_config(path)
+                if not isinstance(index, dict):
+                    raise ValueError("model_index.json is not a JSON object")
+            except Exception as err:
+                raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
+            self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+            scheduler = DDIMScheduler  # configured from the checkpoint's scheduler config
+            if not ddim:  # sample.py --scheduler checkpoint: the class model_index.json names (PNDM, Euler)
+                entry = index.get("scheduler")
+                name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+                scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
+                if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+                    raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
+                                    f"scheduler ({entry!r})")
+            parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
+                     ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
+            if "text_encoder_2" in index:
+                parts += [("tokenizer_2", CLIPTokenizer), ("text_encoder_2", CLIPTextModelWithProjection)]
+            for sub, cls in parts:
+                try:
+                    setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
+                except Exception as err:
+                    raise cannot_load(sub, pretrained, err, "--pretrained") from None
+        if vae and not random_init:  # random-init builds the preset's VAE (for SDXL with the fp16-fix config)
+            offline_if_hub_unreachable(vae)
+            try:
+                self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
+            except Exception as err:
+                raise cannot_load("the VAE", vae, err, "--vae") from None
+        self.is_sdxl = hasattr(self, "text_encoder_2")
+        self.encoders = [(self.tokenizer, self.text_encoder)] + (
+            [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
+        for m in (*(enc for _, enc in self.encoders), self.vae, self.unet):
+            m.requires_grad_(False).eval().to(device, dtype)
+        if self.is_sdxl and self.vae.config.force_upcast:
+            self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
+        # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
+        ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        sched = ddim_scheduler.config
+        # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
+        # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
+        wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
+                                                     ("timestep_spacing", "leading")) if sched[k] != ours]
+        n = len(ddim_scheduler.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
+        if n != sched.num_train_timesteps or not 0 <= sched.steps_offset < n:
+            wrong.append(f"trained_betas for {n} steps, steps_offset={sched.steps_offset}")
+        if ddim and wrong:  # with --scheduler checkpoint, diffusers steps the checkpoint's own scheduler
+            raise UserError(f"--pretrained {pretrained}: its scheduler asks DDIM for {', '.join(wrong)}, which this "
+                            "DDIM does not implement (SD1.5 and SDXL ask for none of them)")
+        self.alphas_cumprod = ddim_scheduler.alphas_cumprod.to(device)  # float32, (num_train_timesteps,)
+        self.num_train_timesteps = sched.num_train_timesteps
+        self.steps_offset = sched.steps_offset
+        self.prediction_type = sched.prediction_type
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, size):
+        """The UNet's conditioning for each prompt, a dict of tensors with the prompt as first dimension:
+        "text" (b, L, D), and for SDXL also "pooled" (b, 1280) and "time_ids" (b, 6). size: (height, width) in
+        pixels. Always the pipeline's own tokenizers, never the preference model's."""
+        hidden = []
+        for tokenizer, encoder in self.encoders:
+            ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(encoder.device), output_hidden_states=self.is_sdxl)
+            # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Sec. 2.1)
+            hidden.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
+        cond = {"text": torch.cat(hidden, dim=-1)}
+        if self.is_sdxl:
+            h, w = size  # SDXL's size conditioning: original size, crop top-left (0, 0), target size
+            cond["pooled"] = out.text_embeds  # the second encoder's projected end-of-text token
+            size_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device)
+            cond["time_ids"] = size_ids.expand(len(prompts), 6)  # (1, 6) -> (b, 6)
+        return cond
+
+    @torch.no_grad()
+    def encode_negative(self, n, size, prompt=""):
+        """The conditioning CFG pushes away from, for n prompts. SDXL checkpoints set force_zeros_for_empty_prompt
+        (SDXL base does): without a negative prompt the embeddings are zeros, as in diffusers and the official
+        SDXL training."""
+        cond = self.encode_prompts([prompt], size)
+        if self.is_sdxl and self.force_zeros and not prompt:
+            cond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
+        return take(cond, torch.zeros(n, dtype=torch.long))
+
+    @torch.no_grad()
+    def decode(self, latents, chunk=8):
+        """Latents -> images in [-1, 1] (not clamped), in chunks so VAE memory stays bounded. The VAE runs in its
+        own dtype, outside any autocast: an fp32 VAE (SDXL's own) would overflow in fp16."""
+        with torch.autocast(latents.device.type, enabled=False):
+            out = [self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+                   for z in latents.split(chunk)]
+        return torch.cat(out).float()
+
+
+def take(cond, index):
+    """Rows of a conditioning dict: cond[index] for each tensor. index may repeat rows (a pool's k copies)."""
+    return {k: v[index.to(v.device) if torch.is_tensor(index) else index] for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The architectures: the tiny offline models, built once into the project's cache folder, and the real ones with
+# random weights (--random-init).
+
+def cache_dir():
+    return Path(os.environ.get("SPO_CACHE", Path.home() / ".cache" / "spo"))
+
+
+def build_once(name, build):
+    """Return cache_dir()/name, calling build(folder) the first time.
+
+    The folder is built under a temporary name and renamed into place, so a concurrent process
+    either sees nothing or a complete folder, never a half-written one. `name` carries a version
+    so a changed recipe never loads stale files.
+    """
+    final = cache_dir() / name
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # transformers writes weights only on rank 0 of a process group: rank 0 builds, the others wait for it
+        # (a shared cache folder, as on one machine; the tiny models are for tests, not multi-node runs).
+        while not final.exists():
+            time.sleep(0.2)
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, final)  # atomic; fails if another process won the race
+        print(f"built {final}", file=sys.stderr)
+    except OSError:
+        if not final.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _bytes_to_unicode():
+    # CLIP's byte-level BPE alphabet: every byte maps to a printable unicode character.
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+          *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return dict(zip(bs, map(chr, cs)))
+
+
+TINY_WORDS = ["a", "photo", "of", "the", "cat", "dog", "lake", "red", "on", "an", "beautiful", "image"]
+
+
+def write_tiny_tokenizer(folder, pad_token, max_length=16):
+    """A real CLIP BPE tokenizer with a tiny vocabulary: 256 bytes, 256 word-final bytes, a few
+    merges that spell TINY_WORDS, then bos and eos (the last id, like CLIP's). Written as the
+    ordinary vocab.json/merges.txt pair and loaded by transformers' CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in TINY_WORDS:  # merge left to right: p h -> ph, ph o -> pho, ..., phot o</w>
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if merged not in vocab:
+                merges.append(f"{symbols[0]} {symbols[1]}")
+                vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                        model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return tok
+
+
+# The architectures, as the released checkpoints' config.json files give them. The tiny ones are built, seeded and
+# saved once (the offline test models); every entry can also be built with random weights (--random-init), to
+# measure speed and memory at full size without a download. SDXL adds a second text encoder (OpenCLIP bigG) and
+# the UNet's "text_time" embedding of the pooled prompt and the image size (Podell et al. 2023, Sec. 2.2).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32)
+TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+ARCHITECTURES = {
+    "tiny": dict(
+        text_encoder=TINY_CLIP,
+        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                  attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        vae=TINY_VAE),
+    "sd15": dict(
+        text_encoder=CLIP_L,
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                  cross_attention_dim=768, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        vae=dict(SD_VAE, sample_size=512)),
+    # SDXL's block layout in miniature: layers_per_block 2 keeps the webui (SGM) block numbers of SDXL itself.
+    "tiny-sdxl": dict(
+        text_encoder=TINY_CLIP,
+        text_encoder_2=dict(TINY_CLIP, hidden_act="gelu"),
+        unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, transformer_layers_per_block=(1, 2),
+                  attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+        vae=dict(TINY_VAE, scaling_factor=0.13025, force_upcast=False)),
+    "sdxl": dict(
+        text_encoder=CLIP_L,
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816,  # 6 size numbers x 256 + the pooled 1280
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False)),  # the fp16-fix VAE's config
+}
+
+
+@contextlib.contextmanager
+def seeded_weights(device):
+    """Random weights drawn from seed 0, the caller's RNG state untouched: every torchrun rank, a resumed run and
+    a PNG's own command build the same random-init model."""
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):  # restores the CPU's and this device's RNG
+        torch.default_generator.manual_seed(0)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)  # this device's generator only
+        yield
+
+
+def random_pipeline_parts(model, folder, device="cpu"):
+    """Tokenizer(s), text encoder(s), UNet, VAE and DDIM scheduler of ARCHITECTURES[model], with random weights.
+    The tokenizers are the tiny one (its ids are a subset of CLIP's): the cost of a text forward does not depend
+    on it. They are written to folder/tokenizer(_2) and loaded from there."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    arch = ARCHITECTURES[model]
+    folder = Path(folder)
+    parts = {}
+    # SD's tokenizer pads with its end token, SDXL's second one with "!" (id 0), as the released ones do.
+    for suffix, pad, cls in (("", "<|endoftext|>", CLIPTextModel), ("_2", "!", CLIPTextModelWithProjection)):
+        if "text_encoder" + suffix not in arch:
+            continue
+        config = arch["text_encoder" + suffix]
+        tokenizer = write_tiny_tokenizer(folder / f"tokenizer{suffix}", pad, config["max_position_embeddings"])
+        vocab = len(tokenizer) if model in TINY_MODELS else 49408  # CLIP's vocabulary size
+        with torch.device(device):  # initialise where the weights will live: much faster on a GPU
+            parts["text_encoder" + suffix] = cls(CLIPTextConfig(
+                vocab_size=vocab, **config, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        parts["tokenizer" + suffix] = tokenizer
+    with torch.device(device):
+        parts["unet"] = UNet2DConditionModel(**arch["unet"])
+        parts["vae"] = AutoencoderKL(**arch["vae"])
+    parts["scheduler"] = DDIMScheduler(  # the noise schedule SD1.5 and SDXL share
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1)
+    return parts
+
+
+def build_tiny_pipeline(folder, model):
+    """A tiny pipeline with seeded random weights, saved as an ordinary diffusers folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    with seeded_weights("cpu"):
+        parts = random_pipeline_parts(model, folder)
+    if model == "tiny-sdxl":
+        StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True).save_pretrained(folder)
+    else:
+        StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder)
+
+
+def tiny_pipeline_path(model="tiny"):
+    return build_once({"tiny": "tiny-sd-v1", "tiny-sdxl": "tiny-sdxl-v1"}[model],
+                      lambda folder: build_tiny_pipeline(folder, model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: errors, checks of flags, prompts and output folders, the files a run reads back.
+
+class UserError(Exception):
+    """A problem with the user's input: the scripts print its message on one line and exit 2."""
+
+
+class TrainingAborted(Exception):
+    """Too many non-finite steps in a row: the run stops with exit code 1, keeping its last good checkpoint."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def finite_float(text):
+    """argparse type for every float setting: nan or inf would not fail, it would train a NaN model to the end."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+MAX_SEED = 2**32 - 1  # seeds are mixed into derived seeds; torch's generators take at most 64 bits
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the --precision flags
+
+
+WRITE_PROBE = ".spo-write-test-"
+
+
+def can_create_in(folder):
+    """Whether a file can be made in `folder`: made, then removed."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def holds_files(folder):
+    """Whether an existing folder holds anything but another process's write probe."""
+    return any(not p.name.startswith(WRITE_PROBE) for p in Path(folder).iterdir())
+
+
+def output_problem(path, flag, is_file):
+    """Why `path` cannot be written (as a file, or as a folder), or None: checked before anything is written."""
+    if not str(path).strip():
+        return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{flag} {path} is a broken link"
+    try:
+        if is_file and path.is_dir():
+            return f"{flag} {path} is a folder, not a file"
+        if not is_file and path.exists() and not path.is_dir():
+            return f"{flag} {path} is a file, not a folder"
+        # an existing folder is written into; otherwise the nearest existing ancestor must let us create the rest
+        where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+        # A real write, as os.access says yes to root even in /proc (holds_files overlooks the probe, which another
+        # torchrun rank may be making while this one checks that the folder is empty)
+        writable = where.is_dir() and can_create_in(where)
+        if not writable or (path.is_file() and not os.access(path, os.W_OK)):
+            return f"{flag} {path} cannot be written: {where} is not a writable folder"
+    except OSError as err:  # e.g. a folder we may not even look into
+        return f"{flag} {path}: {err.strerror or err}"
+    return None
+
+
+def device_problem(device):
+    """Why --device cannot be used on this machine, or None."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return f"--device must be cpu or cuda[:N], got {device}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}, but no CUDA device is available"
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device}, but this machine has {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
+def check_text(texts, flag):
+    """Text that UTF-8 cannot encode (a lone surrogate, or undecodable bytes on the command line) would reach the
+    tokenizer as an error that names nothing."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{flag}: not valid Unicode text: {text.encode('utf-8', 'replace').decode()!r}") from None
+
+
+def read_json(path, flag):
+    """A JSON object a run wrote (config.json, progress.json); a damaged file is a UserError that names it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # ValueError: also JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{flag}: {path} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag}: {path} is not a JSON object")
+    return value
+
+
+def read_metrics(path):
+    """The records of a run's metrics.jsonl, each with its "step". A last line cut short (the run was killed while
+    writing it) is dropped; damage anywhere else is a UserError."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    except OSError as err:
+        raise UserError(f"--resume: {path}: {err.strerror or err}") from None
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"--resume: {path} line {i + 1} is not a metrics record")
+        records.append(record)
+    return records
+
+
+def remove_unstarted_run(out, created):
+    """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
+    the run made it, else what is in it."""
+    if not out.is_dir() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
+        return
+    try:
+        for path in [out] if created and not out.is_symlink() else list(out.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    except OSError:  # cleaning up must not hide the error that stopped the run
+        pass
+
+
+def read_prompts(path, flag):
+    """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
+    one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag}: no such file: {path}")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows editors start files with a BOM
+    except UnicodeDecodeError as err:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{flag} {path}: {err.strerror or err}") from None
+    if text.lstrip().startswith(("[", "{")):  # JSON; any other text is one prompt a line
+        try:
+            items = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:  # refused, not guessed: JSON Lines, a trailing comma
+            raise UserError(f"{flag} {path}: invalid JSON ({err}); a text file of prompts must not start with "
+                            "'[' or '{'") from None
+        if not isinstance(items, list):
+            raise UserError(f"{flag} {path}: JSON but not a list of strings or of {{\"caption\": ...}} objects")
+        prompts = [item.get("caption") if isinstance(item, dict) else item for item in items]
+        wrong = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if wrong:
+            raise UserError(f"{flag} {path}: entry {wrong[0]} is not a string or a {{\"caption\": string}} object")
+    else:
+        prompts = text.splitlines()
+    kept = [p.strip() for p in prompts if p.strip()]
+    check_text(kept, f"{flag} {path}")
+    if not kept:
+        raise UserError(f"{flag} {path}: no prompts in the file")
+    if len(kept) < len(prompts):
+        print(f"{flag}: dropped {len(prompts) - len(kept)} empty prompts", file=sys.stderr)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1065,93 +1105,61 @@ def load_optimizer_state(path, optimizer, scaler, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# DDIM (Song et al. 2021) with the log-probability SPO needs. Symbols, as in the DDIM paper:
-#   a_t = alphas_cumprod[t] (alpha_t in DDIM),  x0 = pred_original_sample,  eps = pred_epsilon,
-#   std = sigma_t(eta) of eq. (16),  mean = the x_{t-1} of eq. (12) without the noise term.
-
-def ddim_timesteps(num_steps, num_train_timesteps=1000, steps_offset=1):
-    """'leading' spacing, as diffusers and the official code: 951, 901, ..., 1 for 20 steps."""
-    step_ratio = num_train_timesteps // num_steps
-    # 1000 steps of 1000 would start at t = 1000; more steps than timesteps would all be t = steps_offset
-    if step_ratio == 0 or (num_steps - 1) * step_ratio + steps_offset >= num_train_timesteps:
-        raise UserError(f"--steps {num_steps} is too many: its DDIM timesteps do not fit the scheduler's "
-                        f"{num_train_timesteps} (steps_offset {steps_offset})")
-    return torch.arange(num_steps - 1, -1, -1) * step_ratio + steps_offset
+# Several GPUs: torchrun starts one process per GPU. spo.py and `preference_model.py train` both use these.
 
 
-def ddim_step(model_output, t, x_t, alphas_cumprod, step_ratio, eta, prediction_type="epsilon"):
-    """One DDIM step from x_t: returns (x0, mean, std) with x_{t-1} = mean + std * z, z ~ N(0, I).
-
-    Scheduler coefficients are formed in float32 from the float32 alphas_cumprod, as the official code does
-    (golden README N4), then cast to the sample's dtype: a no-op for our float32 latents, an upcast for the
-    golden float64 (f64_) vectors. t is an int64 tensor, () or (B,)."""
-    t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-    prev_t = (t - step_ratio).clamp(0, len(alphas_cumprod) - 1)  # N2: clamp, so t=1 -> 0, never "alpha=1"
-    a_t, a_prev = alphas_cumprod[t], alphas_cumprod[prev_t]  # (B,) float32
-    variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2, eq. (16)
-    std = eta * variance ** 0.5
-    c = lambda v: v.view(-1, 1, 1, 1).to(x_t.dtype)  # (B,) -> (B, 1, 1, 1)
-    if prediction_type == "epsilon":
-        x0, eps = (x_t - c((1 - a_t) ** 0.5) * model_output) / c(a_t ** 0.5), model_output
-    elif prediction_type == "v_prediction":
-        x0 = c(a_t ** 0.5) * x_t - c((1 - a_t) ** 0.5) * model_output
-        eps = c(a_t ** 0.5) * model_output + c((1 - a_t) ** 0.5) * x_t
-    elif prediction_type == "sample":
-        x0, eps = model_output, (x_t - c(a_t ** 0.5) * model_output) / c((1 - a_t) ** 0.5)
-    else:
-        raise UserError(f"unsupported prediction_type {prediction_type!r}")
-    mean = c(a_prev ** 0.5) * x0 + c((1 - a_prev - std ** 2) ** 0.5) * eps  # eq. (12)
-    return x0, mean, std
+def setup_distributed():
+    """(rank, world size); a process group only under torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-LOG_SQRT_2PI = torch.log(torch.sqrt(2 * torch.as_tensor(math.pi)))  # float32, as the official code forms it
+def all_ranks_sum(values, world):
+    """Python numbers summed over ranks in one all-reduce: the metrics rank 0 writes speak for the whole run."""
+    if world == 1:
+        return [float(v) for v in values]
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
-def ddim_log_prob(x_prev, mean, std):
-    """log N(x_prev; mean, std^2 I) per sample, a MEAN over C, H, W as in the official code (N1), not a sum."""
-    s = std.view(-1, 1, 1, 1)
-    dt = mean.dtype
-    log_prob = -((x_prev.detach() - mean) ** 2) / (2 * s ** 2).to(dt) - torch.log(s).to(dt) - LOG_SQRT_2PI.to(dt)
-    return log_prob.mean(dim=(1, 2, 3))
+def stop_together(problem, world):
+    """Raise on every rank if any rank met input it cannot use (`problem`: its UserError, or None), at a point all
+    ranks pass: a rank that failed alone would leave the others waiting in a collective for a peer that is gone, and
+    torchrun would report a dead peer instead of the bad row."""
+    if world > 1:
+        rank = torch.distributed.get_rank()
+        failed = all_ranks_sum([problem is not None and r == rank for r in range(world)], world)
+        if problem is None and any(failed):
+            raise UserError(f"rank {failed.index(1.0)} stopped at input it cannot use (its own error line says which)")
+    if problem is not None:
+        raise problem
 
 
-def predict_noise(unet, x, t, cond, uncond, cfg):
-    """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
-    x (n, c, h, w), t (n,), cond/uncond: conditioning dicts of n rows (Pipeline.encode_prompts). Inputs go in the
-    UNet's dtype, so this works with or without autocast (LoRALinear keeps its weights in fp32); latents and
-    the result stay float32."""
-    dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
+class StopSignal:
+    """SIGTERM/SIGINT (a preempted cluster job, Ctrl-C) only set a flag: the loop finishes the current step (an
+    optimizer step, or in spo.py a micro-batch), writes a checkpoint and exits cleanly. A second Ctrl-C stops at
+    once."""
 
-    def unet_call(x, t, c):
-        added = {"text_embeds": c["pooled"].to(dt), "time_ids": c["time_ids"].to(dt)} if "pooled" in c else None
-        return unet(x.to(dt), t, c["text"].to(dt), added_cond_kwargs=added).sample.float()
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
-    if cfg <= 1:  # as the official pipeline: guidance only when cfg > 1
-        return unet_call(x, t, cond)
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    eps_uncond, eps_cond = unet_call(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-    return eps_uncond + cfg * (eps_cond - eps_uncond)
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
 
-
-@torch.no_grad()
-def ddim_sample(pipe, unet, cond, uncond, latents, steps, cfg, eta=0.0, generator=None):
-    """Plain DDIM sampling from initial latents (b, 4, h, w) with conditioning dicts of b rows; returns the final
-    latents. With eta > 0 each step draws noise from `generator`, or from generator[i] for image i when it is a
-    list (as diffusers does with a list of generators), so an image's noise does not depend on its batch."""
-    step_ratio = pipe.num_train_timesteps // steps
-    for t in ddim_timesteps(steps, pipe.num_train_timesteps, pipe.steps_offset).tolist():
-        tt = torch.full((latents.shape[0],), t, device=latents.device)
-        eps = predict_noise(unet, latents, tt, cond, uncond, cfg)
-        _, mean, std = ddim_step(eps, tt, latents, pipe.alphas_cumprod, step_ratio, eta, pipe.prediction_type)
-        if eta == 0:
-            noise = 0
-        elif isinstance(generator, list):
-            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, device=latents.device)
-                               for g in generator])
-        else:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        latents = mean + std.view(-1, 1, 1, 1) * noise
-    return latents
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------

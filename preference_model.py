@@ -1,4 +1,4 @@
-"""The step-aware preference model (SPM) of SPO, and plain PickScore, as image scorers.
+"""The step-aware preference model (SPM) of SPO and plain PickScore: image scorers, and the SPM's training.
 
 SPO compares candidate images at every denoising step, so its judge must score noisy images. The
 SPM (paper section 4.1) is PickScore's CLIP ViT-H/14 with time conditioning: a sinusoidal embedding
@@ -7,10 +7,13 @@ every vision encoder layer, and a (shift, scale) modulation of the pooled image 
 is CLIP's: logit_scale.exp() * cos(image_features(x, t), text_features(prompt)).
 
 The state-dict keys are exactly those of the authors' checkpoints, so their released .bin files
-load as they are. Look at scores with
+load as they are. The second half of the file trains an SPM as the authors did, on Pick-a-Pic pairs noised
+to a random t (train), and measures its accuracy at fixed t (eval).
 
     python preference_model.py score --prompt "a red cat" --image a.png --image b.png --timestep 0
     python preference_model.py score --model tiny --prompt "a red cat" --image a.png  # offline
+    python preference_model.py train --data pickapic_v1 --out runs/spm     # needs the pyarrow extra
+    python preference_model.py eval --data pickapic_v1 --checkpoint runs/spm/spm.safetensors
 """
 import contextlib
 import io
@@ -49,7 +52,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> (b, D): sinusoidal features [cos(t f), sin(t f)] with f = 10000^(-k/128), then an MLP (as in DiT)."""
+    """t -> (b, D): sinusoidal features [cos(t f_k), sin(t f_k)] with f_k = 10000^(-k / half), k < half =
+    frequency_size / 2 (128 for DiT's 256 features, what the SPM uses), then an MLP (as in DiT)."""
 
     def __init__(self, hidden_size, frequency_size=256):
         super().__init__()
@@ -101,20 +105,16 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def in_own_dtype(model, device, dtype):
-    """The preference model on device, its two towers and projections in dtype (the image tower's adaLN
-    modulations included). The rest stays fp32 whatever dtype: the SPM's timestep embedding (TimestepEmbedder
-    says why), logit_scale (it is exponentiated: bf16 would shrink PickScore's 100 by 1.1%) and the pixel
-    mean/std."""
-    model.to(device=device, dtype=torch.float32)
-    clip = model.model
-    for tower in (clip.text_model, clip.vision_model, clip.text_projection, clip.visual_projection):
-        tower.to(dtype)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------
 # The scorers. PickScore is CLIP; the SPM is PickScore plus time conditioning in the image tower.
+
+
+def local_specs(base, processor, checkpoint):
+    """The preference model's base, processor and checkpoint as given, but "tiny" -> the tiny SPM's files, built
+    once, and a quoted '~/...' -> the home folder (a hub id stays as it is)."""
+    tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
+    specs = (base, processor, checkpoint)
+    return [t if spec == "tiny" else spec and os.path.expanduser(spec) for spec, t in zip(specs, tiny)]
 
 
 class PickScoreModel(nn.Module):
@@ -137,10 +137,7 @@ class PickScoreModel(nn.Module):
         from transformers import AutoTokenizer, CLIPModel
         from transformers.image_processing_base import ImageProcessingMixin
 
-        tiny = tiny_spm_paths() if "tiny" in (base, processor, checkpoint) else (None,) * 3
-        specs = (base, processor, checkpoint)
-        base, processor, checkpoint = [t if spec == "tiny" else spec for spec, t in zip(specs, tiny)]
-        base, processor = (os.path.expanduser(s) for s in (str(base), str(processor)))  # a quoted '~/...' too
+        base, processor, checkpoint = local_specs(base, processor, checkpoint)
         for spec, flag in zip((base, processor), flags):
             if spec.startswith(("/", ".")) and not Path(spec).is_dir():  # a local path (expanded above), not a hub id
                 raise UserError(f"{flag}: no such folder: {spec}")
@@ -272,6 +269,18 @@ PICKSCORE_ARCHITECTURE = dict(
     projection_dim=1024)
 
 
+def in_own_dtype(model, device, dtype):
+    """The preference model on device, its two towers and projections in dtype (the image tower's adaLN
+    modulations included). The rest stays fp32 whatever dtype: the SPM's timestep embedding (TimestepEmbedder
+    says why), logit_scale (it is exponentiated: bf16 would shrink PickScore's 100 by 1.1%) and the pixel
+    mean/std."""
+    model.to(device=device, dtype=torch.float32)
+    clip = model.model
+    for tower in (clip.text_model, clip.vision_model, clip.text_projection, clip.visual_projection):
+        tower.to(dtype)
+    return model
+
+
 def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype=torch.float32,
                           flags=("--base", "--processor", "--checkpoint"), random_init=False):
     """The judge for SPO ("spm") or for evaluation and the ablation ("pickscore"); both score(images, ids, t).
@@ -283,7 +292,8 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
         return classes[kind].from_pretrained(base, processor, checkpoint, device=device, dtype=dtype, flags=flags)
     from transformers import CLIPConfig, CLIPModel
 
-    tokenizer = write_tiny_tokenizer(Path(tempfile.mkdtemp()), pad_token="!", max_length=77)
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read into memory
+        tokenizer = write_tiny_tokenizer(folder, pad_token="!", max_length=77)
     with torch.device(device), seeded_weights(device):  # the time conditioning's MLP too
         model = classes[kind](CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE)), tokenizer, 224, OPENAI_CLIP_MEAN,
                               OPENAI_CLIP_STD)
@@ -299,7 +309,7 @@ class PickScoreOnImages:
         from transformers import CLIPImageProcessorPil  # the PIL one, as PickScore's code ran; needs no torchvision
 
         self.model = load_preference_model("pickscore", base, processor, None, device=device, flags=flags)
-        processor = tiny_spm_paths()[1] if processor == "tiny" else processor
+        processor = local_specs(base, processor, None)[1]
         try:
             self.processor = CLIPImageProcessorPil.from_pretrained(processor)
         except Exception as err:
@@ -320,7 +330,7 @@ class PickScoreOnImages:
 # Checkpoints: the official .bin (read with weights_only, never unpickled freely) and our .safetensors.
 
 
-def load_checkpoint(model, spec, flag="--checkpoint"):
+def load_checkpoint(model, spec, flag):
     """Load a local file or 'owner/repo/filename' on the hub into model, requiring every key to fit."""
     from safetensors.torch import load_file
 
@@ -380,24 +390,24 @@ def build_tiny_spm(folder):
     and a "trained" SPM checkpoint whose time conditioning is random, so tiny runs really depend on t."""
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(Path(folder) / "processor", pad_token="!")  # as the laion CLIP-H one pads
-    write_image_processor_settings(Path(folder) / "processor", 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 hidden_act="quick_gelu")
-    config = CLIPConfig(
-        text_config=dict(**tower, vocab_size=len(tokenizer), max_position_embeddings=16,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(**tower, image_size=32, patch_size=4), projection_dim=16)
-    clip = CLIPModel(config)
-    clip.save_pretrained(Path(folder) / "model")
-    spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
-        for name, p in spm.named_parameters():
-            if "adaLN_modulation" in name or "t_embedder" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    save_checkpoint(spm, Path(folder) / "spm.safetensors")
+    with seeded_weights("cpu"):  # from seed 0, the caller's RNG untouched
+        tokenizer = write_tiny_tokenizer(Path(folder) / "processor", pad_token="!")  # as the laion CLIP-H one pads
+        write_image_processor_settings(Path(folder) / "processor", 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     hidden_act="quick_gelu")
+        config = CLIPConfig(
+            text_config=dict(**tower, vocab_size=len(tokenizer), max_position_embeddings=16,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id),
+            vision_config=dict(**tower, image_size=32, patch_size=4), projection_dim=16)
+        clip = CLIPModel(config)
+        clip.save_pretrained(Path(folder) / "model")
+        spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
+            for name, p in spm.named_parameters():
+                if "adaLN_modulation" in name or "t_embedder" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+        save_checkpoint(spm, Path(folder) / "spm.safetensors")
 
 
 def tiny_spm_paths():
@@ -584,6 +594,22 @@ def in_lockstep(batches, world):
 # SPM training (paper section 4.1): both images of a pair are noised to one t with ONE shared noise, denoised
 # in one step to the frozen SD's x0-prediction, and the SPM learns to rank those at t as humans ranked the
 # clean images. Evaluation measures that ranking at fixed t; at t = 0 it scores the clean images.
+
+# SPM training defaults: the reference's SD1.5 run (its configs and DeepSpeed settings) on 4 GPUs with batch 16
+# each (--batch-size's default). Its DeepSpeed config asks for 16 accumulation steps, but the accelerate it pins
+# (commit d1aa558, 0.18.dev) overwrites them with the Accelerator's 1 ("Updating DeepSpeed's gradient accumulation
+# steps to 1 from 16"): 8000 updates of 4 x 16 = 64 pairs, about one pass over Pick-a-Pic v1. Batch and
+# accumulation are per GPU here as there: one GPU needs --grad-accum 4 for the same 64.
+TRAIN_DEFAULTS = {
+    "sd15": dict(max_steps=8000, eval_every=1000, grad_accum=1, lr=3e-6, weight_decay=0.3, warmup_steps=500),
+    "tiny": dict(max_steps=60, eval_every=30, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=5),  # a demo
+}
+# SDXL's SPM (the reference's sdxl_spm task): 1024 px, lr 1e-6 for 7000 steps, otherwise as SD1.5.
+TRAIN_DEFAULTS["sdxl"] = dict(TRAIN_DEFAULTS["sd15"], max_steps=7000, lr=1e-6)
+TRAIN_DEFAULTS["tiny-sdxl"] = TRAIN_DEFAULTS["tiny"]
+EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
+# The reference trains SDXL's SPM on PickScore's labels of the Pick-a-Pic pairs (its sdxl_spm task), not the humans'.
+PICKSCORE_LABELS = {"sdxl": 0.1, "tiny-sdxl": 0.1}
 
 
 def encode_images(pipe, images, generator):
@@ -907,25 +933,6 @@ def eval_command(args, rank=0, world=1):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
-# SPM training defaults: the reference's SD1.5 run (its configs and DeepSpeed settings) on 4 GPUs with batch 16
-# each. Its DeepSpeed config asks for 16 accumulation steps, but the accelerate it pins (commit d1aa558, 0.18.dev)
-# overwrites them with the Accelerator's 1 ("Updating DeepSpeed's gradient accumulation steps to 1 from 16"):
-# 8000 updates of 4 x 16 = 64 pairs, about one pass over Pick-a-Pic v1. Batch and accumulation are per GPU here as
-# there: one GPU needs --grad-accum 4 for the same 64.
-TRAIN_DEFAULTS = {
-    "sd15": dict(max_steps=8000, eval_every=1000, batch_size=16, grad_accum=1, lr=3e-6, weight_decay=0.3,
-                 warmup_steps=500),
-    "tiny": dict(max_steps=60, eval_every=30, batch_size=16, grad_accum=1, lr=1e-3, weight_decay=0.0,
-                 warmup_steps=5),  # a demonstration, as spo.py --model tiny
-}
-# SDXL's SPM (the reference's sdxl_spm task): 1024 px, lr 1e-6 for 7000 steps, otherwise as SD1.5.
-TRAIN_DEFAULTS["sdxl"] = dict(TRAIN_DEFAULTS["sd15"], max_steps=7000, lr=1e-6)
-TRAIN_DEFAULTS["tiny-sdxl"] = TRAIN_DEFAULTS["tiny"]
-EVAL_TIMESTEPS = (0, 251, 501, 701, 951)  # the reference's evaluation_timesteps
-# The reference trains SDXL's SPM on PickScore's labels of the Pick-a-Pic pairs (its sdxl_spm task), not the humans'.
-PICKSCORE_LABELS = {"sdxl": 0.1, "tiny-sdxl": 0.1}
-
-
 def per_model(key):
     """A training flag's defaults for --help: ' (default: sd15 8000, tiny 60, sdxl 7000, tiny-sdxl 60)'."""
     return " (default: " + ", ".join(f"{m} {d[key]}" for m, d in TRAIN_DEFAULTS.items()) + ")"
@@ -983,6 +990,10 @@ def fill_defaults(args):
     problems = [f"{flag(k)} must be > 0, got {getattr(args, k)}" for k in positive if getattr(args, k) <= 0]
     problems += [f"--eval-timesteps must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {t}"
                  for t in args.eval_timesteps if not 0 <= t < NUM_TRAIN_TIMESTEPS]
+    if len(set(args.eval_timesteps)) < len(args.eval_timesteps):
+        problems.append(f"--eval-timesteps names a t twice: {' '.join(map(str, args.eval_timesteps))}")
+    if args.cfg < 1:  # predict_noise, as diffusers, turns guidance off at <= 1; the reference applies it whatever
+        problems.append(f"--cfg must be >= 1 (1: no guidance), got {args.cfg}")
     if not (args.resolution > 0 and args.resolution % 8 == 0):
         problems.append(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     if not 0 <= args.seed <= MAX_SEED:
@@ -1037,8 +1048,9 @@ def main(argv=None):
         p.add_argument("--base", help="the SPM's CLIP (default: the preset's PickScore)")
         p.add_argument("--processor", help="the SPM's tokenizer + image settings (default: the preset's)")
         p.add_argument("--resolution", type=int, help="SD resolution the images are resized to (default: preset)")
-        p.add_argument("--batch-size", type=int, help="pairs per forward, per GPU (default: 16)")
-        p.add_argument("--cfg", type=finite_float, default=5.0, help="CFG scale of the x0-prediction (empty negative)")
+        p.add_argument("--batch-size", type=int, default=16, help="pairs per forward, per GPU (16)")
+        p.add_argument("--cfg", type=finite_float, default=5.0,
+                       help="CFG scale (>= 1) of the x0-prediction, with the empty negative prompt (5.0)")
         p.add_argument("--eval-timesteps", type=int, nargs="+", default=list(EVAL_TIMESTEPS))
         p.add_argument("--pickscore-labels", metavar="THRESHOLD", default=..., type=threshold_or_none,
                        help="replace the human labels by PickScore's preference where it exceeds THRESHOLD, "
@@ -1048,7 +1060,6 @@ def main(argv=None):
         p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                        help="the SPM's autocast; in half precision the frozen SD runs in fp16, as the reference's "
                             "(default: bf16 on CUDA, fp32 on CPU)")
-    evaluate.set_defaults(batch_size=16)
     evaluate.add_argument("--kind", choices=["spm", "pickscore"], default="spm", help="SPM or plain PickScore")
     evaluate.add_argument("--checkpoint", help="SPM weights (default: the preset's released SPM)")
     train.add_argument("--out", required=True, help="run folder: spm.safetensors, metrics.jsonl, checkpoints/")

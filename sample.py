@@ -7,11 +7,12 @@
     python sample.py --lora runs/sd15 --save-merged runs/sd15-merged --export-webui runs/sd15-webui.safetensors
     python sample.py --model sdxl --prompt "a child and a penguin" --lora SPO-Diffusion-Models/SPO-SDXL_4k-p_10ep_LoRA
 
-Every image is plain DDIM (diffusion.ddim_sample, the sampler spo.py uses), or with --scheduler checkpoint the
-scheduler the model folder ships (as the official inference scripts), from noise drawn by a generator seeded
-with the image's own seed, so an image with and without the LoRA starts from the same noise and differs only by
-what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in PNG text chunks
-(byte for byte when the image was made alone, --batch-size 1; one made in a batch comes back within rounding).
+Every image is plain DDIM (diffusion.ddim_sample, with the DDIM step spo.py trains with), or with --scheduler
+checkpoint the scheduler the model folder ships (as the official inference scripts), from noise drawn by a
+generator seeded with the image's own seed, so an image with and without the LoRA starts from the same noise
+and differs only by what the LoRA learnt. Every PNG carries its settings, and the command that remakes it, in
+PNG text chunks (byte for byte when the image was made alone, --batch-size 1; one made in a batch comes back
+within rounding).
 """
 import argparse
 import contextlib
@@ -105,7 +106,7 @@ def generate(pipe, prompts, seeds, steps, cfg, eta, height, width, negative_prom
     cond = pipe.encode_prompts(prompts, (height, width))
     uncond = pipe.encode_negative(len(prompts), (height, width), negative_prompt)
     if scheduler is None:
-        latents = ddim_sample(pipe, pipe.unet, cond, uncond, latents, steps, cfg, eta, generator=generators)
+        latents = ddim_sample(pipe, cond, uncond, latents, steps, cfg, eta, generator=generators)
     else:
         try:
             latents = checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, generators)
@@ -197,11 +198,11 @@ def save_compare_grid(args, jobs, base, lora, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring: PickScore as its authors compute it, and the step-aware preference model at t = 0 (a clean image).
+# Scoring.
 
 class Scorers:
     """PickScore as its authors compute it (preference_model.PickScoreOnImages), so numbers compare with published
-    ones, and the SPM score at t = 0 of the same image."""
+    ones, and the step-aware preference model's score at t = 0 (a clean image) of the same image."""
 
     def __init__(self, args):
         self.pickscore = PickScoreOnImages(args.preference_model, args.preference_processor, args.device,
@@ -264,25 +265,25 @@ def write_eval(args, jobs, base_scores, lora_scores, base_paths, lora_paths):
 # ----------------------------------------------------------------------------------------------
 # Exports.
 
-def diffusers_pipeline(pipe, scheduler):
-    """Our parts as diffusers' own StableDiffusion(XL)Pipeline with a scheduler (None: DDIM, as the official code
-    configures it): the reference sampler and the format of merged checkpoints."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+def diffusers_pipeline(pipe):
+    """Our parts as diffusers' own StableDiffusion(XL)Pipeline, with the scheduler we loaded (DDIM as the official code
+    configures it, or with --scheduler checkpoint the checkpoint's own): the reference sampler and the format of
+    merged checkpoints."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
     if pipe.is_sdxl:
         return StableDiffusionXLPipeline(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
-                                         pipe.tokenizer_2, pipe.unet, scheduler,
+                                         pipe.tokenizer_2, pipe.unet, pipe.scheduler,
                                          force_zeros_for_empty_prompt=pipe.force_zeros)
-    return StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler,
+    return StableDiffusionPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def save_merged_pipeline(pipe, modules, scale, folder, scheduler):
+def save_merged_pipeline(pipe, modules, scale, folder):
     """A complete diffusers pipeline folder with the LoRA merged into the UNet (what the released merged SPO
     checkpoints are): written under a temporary name and renamed, so the folder is whole or absent."""
     with atomic_folder(folder) as tmp, lora_merged(pipe.unet, modules, scale):
-        diffusers_pipeline(pipe, scheduler).save_pretrained(tmp)
+        diffusers_pipeline(pipe).save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def save_merged_pipeline(pipe, modules, scale, folder, scheduler):
 def benchmark(args, pipe):
     """Images per second of this sampler and of diffusers' StableDiffusion(XL)Pipeline on the same weights, with
     the same scheduler, steps, guidance and precision, measured in one run after a warm-up batch each."""
-    reference = diffusers_pipeline(pipe, sampling_scheduler(args, pipe))
+    reference = diffusers_pipeline(pipe)
     reference.set_progress_bar_config(disable=True)
     b, device = args.batch_size, torch.device(args.device)
     prompts = ((args.prompt_list or ["an image of a beautiful lake"]) * b)[:b]
@@ -339,18 +340,19 @@ def run(args):
         return
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
     scorers = Scorers(args) if args.score or args.eval else None
-    # Everything is loaded and checked: from here on only a scheduler that cannot run our loop (--scheduler
-    # checkpoint, at its first batch) can still stop the run, after the exports.
+    # Everything is loaded and checked (the webui export checks its layer names before it writes): from here on only
+    # a scheduler that cannot run our loop (--scheduler checkpoint, at its first batch) can stop the run, after the
+    # exports.
     if args.export_webui:
         save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
     if args.save_merged:
-        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged, scheduler)
+        save_merged_pipeline(pipe, modules, args.lora_scale, args.save_merged)
         print(f"merged pipeline written to {args.save_merged}")
     if not args.prompt_list:
         return
 
-    # after the exports: applying the LoRA wraps the UNet's layers, which lora_merged and the webui export read plain
+    # after the exports: applying the LoRA wraps the UNet's layers, which lora_merged (--save-merged) reads plain
     lora_on = lora_switch(pipe.unet, modules, args.lora_scale, args.merge)
     jobs = jobs_of(args)
     both = args.compare or args.eval  # base and LoRA images, from the same noise

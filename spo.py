@@ -117,14 +117,6 @@ CHOICES = {"model": list(PRESETS), "preference": ["spm", "pickscore"], "precisio
            "compile_mode": ["default", "reduce-overhead", "max-autotune"]}
 
 
-# Settings that must match when resuming; the others (epochs, paths of the run, device, checkpointing) may change.
-RESUMABLE_SETTINGS = ("model", "pretrained", "vae", "init_lora", "preference", "preference_model",
-                      "preference_processor", "preference_checkpoint", "seed", "resolution", "steps", "eta", "cfg",
-                      "divert_start_step", "k", "num_inner_step", "pool_at_last_step", "threshold", "beta", "eps", "lr",
-                      "weight_decay", "lora_rank", "lora_alpha", "sample_batch_size", "train_batch_size", "grad_accum",
-                      "max_grad_norm", "precision", "preference_precision", "random_init")
-
-
 # ----------------------------------------------------------------------------------------------
 # SAMPLING: the DDIM chain with candidate pools (Sec. 4 of the paper): at every step (SD1.5), every 4th (SDXL).
 
@@ -147,11 +139,6 @@ def pool_steps(cfg):
     left over join the last chunk (its multi_sample_pipeline_sdxl)."""
     end = cfg.steps if cfg.pool_at_last_step else cfg.steps - 1
     return list(range(cfg.divert_start_step, end, cfg.num_inner_step + 1))
-
-
-def sampling_unet_samples(cfg):
-    """UNet samples (CFG-batched) per prompt: one per step up to the first pool, then one per pool member."""
-    return cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
 
 
 @torch.no_grad()
@@ -245,6 +232,12 @@ def make_score_fn(scorer, prompts, k):
 COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
 
 
+def keep_as_reference(unet):
+    """Store the LoRA's current (--init-lora) weights in each layer as the reference's, for as_reference."""
+    for m in lora_layers(unet):
+        m.initial = (m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone())
+
+
 @contextlib.contextmanager
 def as_reference(unet):
     """Inside, the UNet is DPO's reference: the model training started from. That is the base model, the LoRA
@@ -269,10 +262,9 @@ def as_reference(unet):
                 m.lora.up.weight.copy_(up)
 
 
-def keep_as_reference(unet):
-    """Store the LoRA's current (--init-lora) weights in each layer as the reference's, for as_reference."""
-    for m in lora_layers(unet):
-        m.initial = (m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone())
+def own_parent(pairs):
+    """(n,) bool: whether the pair's loser steps from a parent of its own (an inner SDXL step), not the winner's x_t."""
+    return (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1)
 
 
 def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
@@ -283,7 +275,7 @@ def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     # Deliberate difference from the official code, same math: where winner and loser share x_t (every pair of
     # SD1.5, the first of each SDXL chunk), one forward serves both (the official code runs two). Inner SDXL
     # transitions have a parent each, and the loser's gets its own row.
-    own = (pairs["x_t_lose"] != pairs["x_t"]).flatten(1).any(dim=1).nonzero()[:, 0]  # (n_own,): such losers
+    own = own_parent(pairs).nonzero()[:, 0]  # (n_own,): such losers
     x_t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]])  # (n + n_own, c, h, w): the UNet's input rows
     rows = torch.cat([torch.arange(n, device=own.device), own])  # (n + n_own,): the pair behind each row
     lose_row = torch.arange(n, device=own.device)  # (n,): the row each loser steps from; winners use rows :n
@@ -310,8 +302,8 @@ def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
     p_policy / p_ref of the whole latent.
 
     As in the official code both ratios are clamped to [1 - eps, 1 + eps] (no PPO min): a side whose policy has
-    left that band around the frozen reference gets zero gradient, and |beta * (log r_w - log r_l)| <= 2.01 keeps
-    log(sigmoid(.)) safe (N5)."""
+    left that band around the frozen reference gets zero gradient, and |beta * (log r_w - log r_l)| <=
+    beta * log((1 + eps) / (1 - eps)) (2.01 at the defaults) keeps log(sigmoid(.)) safe (N5)."""
     ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
     ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
     loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
@@ -371,7 +363,7 @@ def save_validation_grid(pipe, cfg, path):
         for seed in cfg.validation_seeds:
             gen = torch.Generator(pipe.unet.device).manual_seed(seed)
             z = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=gen, device=pipe.unet.device)
-            images.append(pipe.decode(ddim_sample(pipe, pipe.unet, cond, uncond, z, cfg.steps, cfg.cfg)))
+            images.append(pipe.decode(ddim_sample(pipe, cond, uncond, z, cfg.steps, cfg.cfg)))
     save_grid(torch.cat(images), path, cols=len(cfg.validation_seeds))
 
 
@@ -408,6 +400,10 @@ def exchange_pairs(pairs, world):
 
 # Checkpoints are named by the position of the next work to do: (epoch, batch, first pair of the batch to train).
 # A stop in the middle of a batch also saves that batch's kept pairs, so training goes on exactly where it stopped.
+# A resumed run may change only these settings; every other one (the math, the models, the batch sizes) must match.
+CHANGEABLE_ON_RESUME = ("prompts", "out", "resume", "overwrite", "epochs", "device", "compile", "compile_mode",
+                        "gradient_checkpointing", "save_every", "keep", "max_bad_steps", "benchmark",
+                        "validation_prompts", "validation_seeds")
 
 
 def checkpoint_dirs(out):
@@ -415,7 +411,7 @@ def checkpoint_dirs(out):
     return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
 
 
-def save_checkpoint(out, unet, optimizer, scaler, progress, pending=None, keep=0, grads=None):
+def save_checkpoint(out, unet, optimizer, scaler, progress, pending, keep, grads):
     """checkpoints/epoch-E_batch-B_pair-P/: LoRA, optimizer and GradScaler state, progress (and pending pairs, and
     the gradients of a gradient-accumulation group not yet complete). No RNG state is needed: every prompt batch
     seeds its own generators (derived_seed). Written under a temporary name and renamed, so a crash never
@@ -511,15 +507,16 @@ def setup_models(cfg, scorer=None, world=1):
                            scorer=scorer, lora_params=lora_params, optimizer=optimizer)
 
 
-def load_prompts(cfg):
-    return read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
+def sampling_unet_samples(cfg):
+    """UNet samples (CFG-batched) per prompt: one per step up to the first pool, then one per pool member."""
+    return cfg.divert_start_step + 1 + cfg.k * (cfg.steps - cfg.divert_start_step - 1)
 
 
 def train(cfg, scorer=None, rank=0, world=1):
     """The whole run, on one rank of `world`. `scorer` replaces the preference model (tests use a rule-based one).
     Returns the pipeline, or None when a signal stopped the run. Only rank 0 writes files."""
     out, main_rank = Path(cfg.out), rank == 0
-    prompts = load_prompts(cfg)
+    prompts = read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
     prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     m = setup_models(cfg, scorer, world)
     device, autocast, scaler, pipe, unet, policy, scorer, lora_params, optimizer = (
@@ -535,8 +532,8 @@ def train(cfg, scorer=None, rank=0, world=1):
     if cfg.resume:
         saved = read_json(out / "config.json", "--resume")
         # a setting added since the run started has its default there
-        changed = [k for k in RESUMABLE_SETTINGS
-                   if saved.get(k, getattr(Config, k)) != json.loads(json.dumps(getattr(cfg, k)))]
+        changed = [f.name for f in dataclasses.fields(Config) if f.name not in CHANGEABLE_ON_RESUME
+                   and saved.get(f.name, f.default) != json.loads(json.dumps(getattr(cfg, f.name)))]
         if changed:
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
         ckpts = checkpoint_dirs(out)
@@ -708,16 +705,18 @@ def benchmark(cfg):
             gen = torch.Generator(m.device).manual_seed(derived_seed(cfg, "benchmark", batch))
             cond = pipe.encode_prompts(prompts, pixels)
             uncond = take(uncond_1, torch.zeros(b, dtype=torch.long))
-            run = timer.wrap("sampling (all)", sample_candidate_pool)
+            # make_score_fn encodes the prompts for the judge: inside the timed sampling, as in training
+            run = timer.wrap("sampling (all)", lambda: sample_candidate_pool(
+                pipe, m.unet, cond, uncond, make_score_fn(m.scorer, prompts, k), cfg, gen))
             with m.autocast:
-                pairs, _ = run(pipe, m.unet, cond, uncond, make_score_fn(m.scorer, prompts, k), cfg, gen)
+                pairs, _ = run()
             if m.device.type == "cuda":
                 memory["sampling"] = torch.cuda.max_memory_allocated(m.device)
                 torch.cuda.reset_peak_memory_stats(m.device)
             step = timer.wrap("training (all)", train_micro_batch, lambda pipe, policy, ref, micro, *a: len(micro["t"]))
             n, tb = len(pairs["t"]), cfg.train_batch_size
-            own_parent = int(pairs["x_t_lose"].ne(pairs["x_t"]).flatten(1).any(dim=1).sum())  # SDXL's inner steps
-            timer.items["training parents"] = timer.items.get("training parents", 0) + n + own_parent
+            parents = n + int(own_parent(pairs).sum())  # SDXL's inner steps add the losers' own parents
+            timer.items["training parents"] = timer.items.get("training parents", 0) + parents
             for start in range(0, n, tb):
                 micro = {key: v[start:start + tb] for key, v in pairs.items()}
                 step(pipe, m.policy, m.unet, micro, uncond_1, m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1,

@@ -22,6 +22,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -274,6 +275,10 @@ def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path,
     (tmp_path / "ckpt.safetensors").symlink_to(pm.tiny_spm_paths()[2])
     model = pm.load_preference_model("spm", "~/clip", processor, "~/ckpt.safetensors")
     assert model.image_size == 32
+    (tmp_path / "processor").symlink_to(processor)
+    from PIL import Image
+    pickscore = pm.PickScoreOnImages("~/clip", "~/processor")  # sample.py --score's; it read the '~' as a hub id
+    assert pickscore([Image.new("RGB", (40, 40))], ["a red cat"]).shape == (1,)
 
 
 # ---- DDIM step, win/lose selection and SPO loss: the official math, bit for bit ----
@@ -423,7 +428,7 @@ def test_our_ddim_sampler_equals_diffusers_pipeline(golden_pipe):
     for cfg_scale in (1.0, 5.0):  # without and with classifier-free guidance
         expected = ref(prompts, num_inference_steps=6, guidance_scale=cfg_scale, eta=0.0, latents=latents,
                        height=16, width=16, output_type="pt").images * 2 - 1
-        ours = golden_pipe.decode(D.ddim_sample(golden_pipe, golden_pipe.unet, cond, uncond, latents, 6, cfg_scale))
+        ours = golden_pipe.decode(D.ddim_sample(golden_pipe, cond, uncond, latents, 6, cfg_scale))
         assert (ours.clamp(-1, 1) - expected).abs().max() < 1e-4, f"images differ from diffusers at cfg {cfg_scale}"
 
 
@@ -729,7 +734,7 @@ def test_spo_learns_the_preference(tmp_path):
         cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(len(prompts), (16, 16))
         gen = torch.Generator().manual_seed(123)
         z = torch.randn((len(prompts), 4, 8, 8), generator=gen)
-        latents = D.ddim_sample(pipe, pipe.unet, cond, uncond, z, cfg.steps, cfg.cfg, eta=1.0, generator=gen)
+        latents = D.ddim_sample(pipe, cond, uncond, z, cfg.steps, cfg.cfg, eta=1.0, generator=gen)
         return RuleScorer().score(pipe.decode(latents), None, None).mean().item()
 
     trained = mean_final_score()
@@ -1186,7 +1191,7 @@ def test_sdxl_sampler_equals_diffusers_pipeline():
                        guidance_scale=cfg_scale, eta=0.0, latents=latents, height=h, width=w,
                        output_type="pt").images * 2 - 1
         cond, uncond = pipe.encode_prompts(prompts, (h, w)), pipe.encode_negative(2, (h, w), negative)
-        ours = pipe.decode(D.ddim_sample(pipe, pipe.unet, cond, uncond, latents, 6, cfg_scale))
+        ours = pipe.decode(D.ddim_sample(pipe, cond, uncond, latents, 6, cfg_scale))
         err = (ours.clamp(-1, 1) - expected).abs().max()
         assert err < 1e-4, f"images differ from diffusers by {err:.2e} at cfg {cfg_scale}, negative {negative!r}, {h}x{w}"
 
@@ -1457,10 +1462,26 @@ def test_pickscore_labels_follow_pickscore_on_the_full_size_images(dataset):
         assert (row[3], row[4]) == ((1.0, 0.0) if s0 > s1 else (0.0, 1.0)), "the label must follow PickScore's ranking"
 
 
-def test_sdxl_random_init_needs_no_download_even_with_a_vae_preset():
-    """--random-init builds every part, the VAE included (the preset's --vae is a hub id: no download offline)."""
+def test_sdxl_random_init_needs_no_download_even_with_a_vae_preset(tmp_path, monkeypatch):
+    """--random-init builds every part, the VAE included (the preset's --vae is a hub id: no download offline),
+    and leaves no temporary folder behind (each run left its tokenizers' folder in /tmp)."""
+    __import__("diffusers")  # imported first, it makes torch's compile cache folder in the temporary folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pipe = D.Pipeline(D.PRESETS["sdxl"]["pretrained"], device="meta", random_init="sdxl", vae="/nonexistent/vae")
     assert pipe.is_sdxl and pipe.vae.config.scaling_factor == 0.13025
+    assert pipe.tokenizer_2("a red cat").input_ids, "the tokenizers must outlive their folder"
+    pm.load_preference_model("spm", None, None, None, device="meta", random_init=True)
+    assert list(tmp_path.iterdir()) == [], "--random-init left files in the temporary folder"
+
+
+def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
+    """The tiny models draw their weights from seed 0 without reseeding the caller's generator (a test or run
+    that builds one on first use would otherwise draw other numbers than a run that found it cached)."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    D.build_tiny_pipeline(tmp_path / "sd", "tiny")
+    pm.build_tiny_spm(tmp_path / "spm")
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_vae_and_judge_run_in_their_own_dtype_under_autocast():
@@ -2965,6 +2986,8 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--eval-timesteps", "0", "1000"], "--eval-timesteps must be in [0, 999], got 1000"),
+    (["--eval-timesteps", "0", "501", "0"], "--eval-timesteps names a t twice: 0 501 0"),  # t = 0 scored 1.34
+    (["--cfg", "0.5"], "--cfg must be >= 1 (1: no guidance), got 0.5"),  # predict_noise would ignore it
     (["--resume"], "holds no run to resume"),
     (["--data", "/nonexistent/pickapic"], "--data: no such folder: /nonexistent/pickapic"),
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),  # it trained a NaN SPM to exit 0
@@ -3174,13 +3197,16 @@ RELEASED_SIZES = {  # parameter counts of the released checkpoints' parts
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_random_init_builds_the_real_sizes(model, tmp_path):
     """--random-init must cost what the real model costs: its parts have the released parameter counts."""
-    parts = D.random_pipeline_parts(model, device="meta", folder=tmp_path)  # shapes only, no memory
+    parts = D.random_pipeline_parts(model, tmp_path, device="meta")  # shapes only, no memory
     counts = {name: sum(p.numel() for p in parts[name].parameters()) for name in RELEASED_SIZES[model]}
     assert counts == RELEASED_SIZES[model]
 
 
-def test_benchmark_smoke_on_cpu(capsys):
-    """A short --benchmark on the tiny model: the table and the per-prompt counts (no timing assertion)."""
+def test_benchmark_smoke_on_cpu(capsys, monkeypatch):
+    """A short --benchmark on the tiny model: the table and the per-prompt counts (no timing assertion, but the
+    judge's text features, made slow here, are charged inside sampling: the sampling UNet's row is what remains)."""
+    encode_text = pm.PickScoreModel.encode_text
+    monkeypatch.setattr(pm.PickScoreModel, "encode_text", lambda self, ids: time.sleep(1) or encode_text(self, ids))
     spo.main(["--model", "tiny", "--random-init", "--benchmark", "1", "--steps", "6", "--divert-start-step", "2",
               "--k", "3", "--resolution", "16", "--threshold", "0", "--out", "/nonexistent/never-written"])
     out = capsys.readouterr().out
@@ -3189,6 +3215,8 @@ def test_benchmark_smoke_on_cpu(capsys):
     # 6 steps, pools of 3 from step 2: 2 + 1 + 3 * 3 UNet samples, 3 * 4 decodes and scores, 4 pairs at threshold 0
     assert "12 sampling UNet samples" in out and "12 VAE decodes" in out and "12 preference image" in out
     assert "4.0 training pairs from 4.0 parent latents" in out, "SD1.5 pairs share their parent"
+    row = lambda name: float(re.search(rf"^{name} +([-0-9.]+)", out, re.M)[1])
+    assert row("preference text") >= 0.25 and row("sampling UNet") > 0, out  # 1 s over 4 prompts
     assert not Path("/nonexistent/never-written").exists()
 
 

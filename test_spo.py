@@ -473,9 +473,10 @@ def test_golden_lora_file_loads_with_golden_output(lora_unet):
         f"our LoRA keys differ from the official file's ({len(expected_keys)} entries in lora_keys.json)")
 
 
-@pytest.mark.parametrize("alpha", [4.0, 8.0])
+@pytest.mark.parametrize("alpha", [2.0, 4.0, 8.0])
 def test_our_lora_file_loads_in_diffusers_with_the_same_output(lora_unet, tmp_path, alpha):
-    """alpha = rank gives the official layout; another alpha travels in diffusers' metadata header."""
+    """alpha = rank gives the official layout; another alpha, below the rank or above it, travels in diffusers'
+    metadata header."""
     from diffusers import StableDiffusionPipeline
 
     unet, io = lora_unet
@@ -900,6 +901,8 @@ def test_prompt_files_with_a_byte_order_mark_and_quotes_read_as_meant(tmp_path):
     assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
     path.write_text('"a cat" in the rain\na dog\n')  # plain text, even if a line starts with a quote
     assert D.read_prompts(path, "--prompts") == ['"a cat" in the rain', "a dog"]
+    path.write_text("  a cat \t\n\ta dog\n")  # a prompt is its text: the spaces around it are no part of it
+    assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"], "prompts keep the whitespace around them"
     text = tmp_path / "prompts.txt"  # refused, not guessed (JSON Lines would become prompts), saying why
     text.write_text("[watercolor] a cat\n")
     with pytest.raises(UserError, match="a text file of prompts must not start with"):
@@ -1208,8 +1211,12 @@ def test_sdxl_empty_negative_prompt_follows_the_checkpoints_force_zeros(force_ze
     (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": force_zeros}))
     ref = StableDiffusionXLPipeline.from_pretrained(str(folder))
     _, negative, _, negative_pooled = ref.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=True)
-    ours = D.Pipeline(str(folder)).encode_negative(1, (32, 32))
+    pipe = D.Pipeline(str(folder))
+    ours = pipe.encode_negative(1, (32, 32))
     assert (ours["text"].abs().max() == 0) == force_zeros
+    # --save-merged and --benchmark hand diffusers our parts: its pipeline must treat "" as the checkpoint says
+    exported = sample.diffusers_pipeline(pipe)
+    assert exported.config.force_zeros_for_empty_prompt == force_zeros, "the exported pipeline lost force_zeros"
     torch.testing.assert_close(ours["text"], negative, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours["pooled"], negative_pooled, rtol=0, atol=1e-6)
 
@@ -2006,6 +2013,10 @@ def test_applied_and_merged_lora_give_the_same_image():
         pipe = D.Pipeline(str(PIPELINE))
         modules = sample.load_lora_modules(str(LORA), pipe.unet)
         lora_on = sample.lora_switch(pipe.unet, modules, 1.5, merge)
+        if not merge:  # applied: the branch is scaled by 1.5 * alpha / r, and each layer keeps the LoRA's own alpha
+            layers = dict(pipe.unet.named_modules())
+            assert all((layers[n].alpha, layers[n].scale) == (a, 1.5 * a / d.shape[0])
+                       for n, (d, _, a) in modules.items()), "apply_lora changed a layer's alpha or scale"
         with lora_on(True):
             images[merge] = sample.generate(pipe, ["a red cat"], [7], 4, 5.0, 0.0, 16, 16)
         with lora_on(False):
@@ -2016,12 +2027,13 @@ def test_applied_and_merged_lora_give_the_same_image():
 
 
 def test_save_merged_folder_loads_in_diffusers_and_renders_like_base_plus_lora(tmp_path, capsys):
+    """The merged UNet is W + scale * alpha/r * up @ down, at the run's --lora-scale (1.5 here)."""
     folder = tmp_path / "merged"
-    sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--save-merged", str(folder)])
+    sample.main(GOLDEN_RUN + ["--lora", str(LORA), "--lora-scale", "1.5", "--save-merged", str(folder)])
     assert f"merged pipeline written to {folder}" in capsys.readouterr().out
     theirs = diffusers_images(diffusers_pipeline(folder), ["a red cat"], [5], 4, 5.0)
     pipe = D.Pipeline(str(PIPELINE))
-    D.apply_lora(pipe.unet, sample.load_lora_modules(str(LORA), pipe.unet))
+    D.apply_lora(pipe.unet, sample.load_lora_modules(str(LORA), pipe.unet), 1.5)
     ours = sample.generate(pipe, ["a red cat"], [5], 4, 5.0, 0.0, 16, 16)
     diff = (ours.clamp(-1, 1) - theirs).abs().max().item()
     assert diff < 1e-4, f"the merged pipeline renders {diff} away from base + LoRA"
@@ -2240,6 +2252,11 @@ def test_compare_writes_pairs_and_a_readable_grid(tmp_path, capsys):
     lora = Image.open(out / "000-a-photo-of-a-cat-seed0-lora.png").convert("RGB").resize((128, 128), Image.NEAREST)
     assert grid.crop((0, 0, 128, 128)).tobytes() == base.tobytes(), "the grid's first tile must be the base image"
     assert grid.crop((128, 0, 256, 128)).tobytes() == lora.tobytes(), "the grid's second tile must be the LoRA image"
+    # Each PNG's settings and command are its own: a base image was made without the LoRA, so neither says --lora.
+    base, lora = (Image.open(out / f"000-a-photo-of-a-cat-seed0-{tag}.png").text for tag in ("base", "lora"))
+    assert base["lora"] == "none" and "lora_mode" not in base and "--lora" not in base["command"], (
+        f"a base image records a LoRA: {base}")
+    assert lora["lora"] == str(LORA) and lora["lora_mode"] == "applied" and f"--lora={LORA}" in lora["command"]
 
 
 def test_score_lists_each_base_image_next_to_its_lora_image(tmp_path, capsys):
@@ -2280,13 +2297,15 @@ def test_eval_reports_win_rate_computed_from_the_scores_it_lists(tmp_path, capsy
     assert grid.width == 2 * 256 + 8
     # The listed scores are the images' own: re-score one saved PNG independently with preference_model.py.
     # At the tiny processor's size (32) PickScore's resize and crop do nothing, so both preprocessings agree.
-    pair = report["pairs"][0]
-    image = pm.load_image(out / pair["lora_image"])
+    # The first and the last pair: each prompt's images are scored against that prompt, not the first one.
+    assert report["pairs"][0]["prompt"] != report["pairs"][-1]["prompt"]
     for kind, checkpoint in [("pickscore", None), ("spm", "tiny")]:
         model = pm.load_preference_model(kind, "tiny", "tiny", checkpoint)
-        with torch.no_grad():
-            score = model.score(image, model.tokenize([pair["prompt"]]), 0).item()
-        assert abs(score - pair["lora"][kind]) < 1e-4, f"{kind} in eval.json differs from scoring the PNG itself"
+        for pair in (report["pairs"][0], report["pairs"][-1]):
+            with torch.no_grad():
+                score = model.score(pm.load_image(out / pair["lora_image"]), model.tokenize([pair["prompt"]]), 0).item()
+            assert abs(score - pair["lora"][kind]) < 1e-4, (
+                f"{kind} in eval.json differs from scoring the PNG of {pair['prompt']!r} itself")
 
 
 def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
@@ -2303,6 +2322,7 @@ def test_every_png_carries_its_settings_and_remakes_itself(tmp_path):
     assert {k: text.get(k) for k in expected} == expected, "PNG text chunks do not hold the generation settings"
     command = shlex.split(text["command"])
     assert command[:2] == ["python", "sample.py"]
+    assert "--merge" in command, "the command must remake the image with the LoRA merged, as it was made"
     second = tmp_path / "second.png"
     sample.main(command[2:] + ["--out", str(second)])
     assert Image.open(second).tobytes() == Image.open(first).tobytes(), "the PNG's own command made another image"
@@ -2376,6 +2396,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--lora", "{bad}/alpha0.safetensors"], "need lora_alpha > 0"),  # 0 once meant alpha = rank, silently
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
     (["--seed", "-1"], "--seed and the seeds after it (--n) must be in [0, 2^64)"),
+    (["--seed", str(2**64 - 1), "--n", "2"], "--seed and the seeds after it (--n) must be in [0, 2^64)"),
     (["--out", ""], "--out is empty: name a folder"),
     (["--lora", "{bad}/missing.safetensors"], "--lora: no such file or folder"),
     (["--lora", "{bad}"], "holds no single LoRA file"),
@@ -2392,6 +2413,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--scheduler", "checkpoint", "--random-init"], "--random-init has none"),
     (["--random-init", "--score"], "--score and --eval would judge noise with downloaded scorers"),
     (["--merge", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),
+    (["--lora", "{lora}", "--precision", "bf16"], "--merge and --save-merged need --precision fp32"),  # --save-merged
     (["--export-webui", "{bad}"], "--export-webui must name a .safetensors file"),
     (["--out", "{bad}/unknown.safetensors"], "is a file, not a folder"),
     (["--out", "{bad}/unknown.safetensors/sub"], "cannot be written"),
@@ -2408,7 +2430,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
 @pytest.mark.parametrize("flags,message", BAD_SAMPLES, ids=[" ".join(f).replace("{bad}/", "") for f, _ in BAD_SAMPLES])
 def test_sample_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, bad_loras, capsys):
     out = tmp_path / "out"
-    flags = [f.format(bad=bad_loras, out=out) for f in flags]
+    flags = [f.format(bad=bad_loras, out=out, lora=LORA) for f in flags]
     exports = ["--save-merged", str(tmp_path / "merged"), "--export-webui", str(tmp_path / "w.safetensors")]
     with pytest.raises(SystemExit) as exit_info:
         sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(out)] + flags + (exports if "--lora" in flags else []))
@@ -3230,12 +3252,18 @@ def test_sdxl_benchmark_counts_the_inner_steps(capsys):
     assert "6.0 training pairs from 10.0 parent latents" in out
 
 
-def test_sample_benchmark_smoke_on_cpu(capsys):
-    """sample.py --benchmark measures this sampler and diffusers' pipeline in one run and writes nothing."""
-    sample.main(["--model", "tiny", "--benchmark", "1", "--batch-size", "2", "--steps", "3", "--height", "16",
+def test_sample_benchmark_smoke_on_cpu(capsys, monkeypatch):
+    """sample.py --benchmark measures this sampler and diffusers' pipeline in one run and writes nothing; --benchmark N
+    times N batches after one warm-up batch."""
+    calls = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate",
+                        lambda *args, **kwargs: calls.append(len(args[1])) or generate(*args, **kwargs))
+    sample.main(["--model", "tiny", "--benchmark", "2", "--batch-size", "2", "--steps", "3", "--height", "16",
                  "--width", "16", "--out", "/nonexistent/never-written"])
     out = capsys.readouterr().out
     assert "this sampler" in out and "diffusers StableDiffusionPipeline" in out and out.count("images/s") == 2
+    assert calls == [2, 2, 2], f"expected a warm-up and 2 timed batches of 2 images, got batches {calls}"
     assert not Path("/nonexistent/never-written").exists()
 
 
@@ -3293,6 +3321,88 @@ def test_lora_disabled_switches_the_lora_back_on_after_an_exception(lora_unet):
     with pytest.raises(KeyError), D.lora_disabled(unet):
         raise KeyError("a failure inside the reference forward")
     assert all(layer.enabled for layer in D.lora_layers(unet)), "an exception left the LoRA switched off"
+
+
+def test_wilson_interval_solves_wilsons_equation_at_95_percent():
+    """Each end of the 95% Wilson interval is a root pi of (p - pi)^2 = z^2 pi (1 - pi) / n with z = 1.959964 (Wilson
+    1927), for fractional wins (ties count half) too; 0 and n wins give the exact ends 0 and 1."""
+    z = 1.959964
+    for wins, n in ((7, 10), (2.5, 4), (1, 3), (19.5, 20), (40, 100), (0, 5), (5, 5)):
+        p = wins / n
+        lo, hi = sample.wilson_interval(wins, n)
+        assert lo <= p <= hi and lo < hi, f"{wins}/{n}: [{lo}, {hi}] must contain {p}"
+        for end in (lo, hi):
+            gap = (p - end) ** 2 - z * z * end * (1 - end) / n
+            assert abs(gap) < 1e-12, f"{wins}/{n}: {end} is no end of the 95% Wilson interval [{lo}, {hi}]"
+    assert sample.wilson_interval(0, 5)[0] == 0.0 and sample.wilson_interval(5, 5)[1] == 1.0
+    lo, hi = sample.wilson_interval(7, 10)  # the textbook example: 7 of 10, 95% interval 0.3968 to 0.8922
+    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922), f"got [{lo}, {hi}]"
+
+
+def test_compare_grid_shows_every_seed_of_the_first_16_prompts(tmp_path, monkeypatch):
+    """The grid has one row per prompt for the first GRID_ROWS (16) prompts, each with all --n seeds as base | LoRA
+    pairs in job order, and records the seeds it shows: seed .. seed + n - 1."""
+    from PIL import Image
+
+    prompts = [a for i in range(17) for a in ("--prompt", f"prompt {i}")]
+    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--compare", "--n", "2", "--seed", "5",
+                              "--out", str(tmp_path)] + prompts)
+    args.sampler_name = "DDIM"  # run() sets it from the loaded scheduler
+    jobs = sample.jobs_of(args)  # 17 prompts x 2 seeds
+    base = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(jobs))]
+    lora = [Image.new("RGB", (8, 8), (0, i, 0)) for i in range(len(jobs))]
+    seen = {}
+    grid = lambda tiles, captions, cols: seen.update(tiles=tiles, captions=captions, cols=cols) or tiles[0]
+    monkeypatch.setattr(sample, "captioned_grid", grid)
+    monkeypatch.setattr(sample, "save_png", lambda image, path, settings: seen.update(settings=settings))
+    sample.save_compare_grid(args, jobs, base, lora, tmp_path / "compare.png")
+    expected = [image for i in range(32) for image in (base[i], lora[i])]  # prompts 0-15, both seeds each
+    assert len(seen["tiles"]) == 64 and all(a is b for a, b in zip(seen["tiles"], expected)), (
+        f"the grid should show the 32 pairs of the first 16 prompts, base then LoRA, got {len(seen['tiles'])} tiles")
+    assert seen["cols"] == 2 and seen["captions"][-1] == "base | LoRA, seed 6: prompt 15", seen["captions"][-1]
+    assert seen["settings"]["seed"] == "5..6", f"the grid's seeds are 5 and 6, it says {seen['settings']['seed']}"
+
+
+def test_a_stochastic_checkpoint_scheduler_draws_each_images_noise_from_its_own_generator():
+    """Euler ancestral draws fresh noise at every step: as diffusers' pipeline with a generator per image, image i's
+    step noise comes from generator i, so an image is the same alone as in a batch."""
+    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
+
+    folder = str(D.tiny_pipeline_path("tiny"))
+    ref = DiffusionPipeline.from_pretrained(folder)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    pipe = D.Pipeline(folder, ddim=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]
+    expected = ref(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+    ours = sample.generate(pipe, prompts, seeds, 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+    err = (ours.clamp(-1, 1) - expected).abs().max().item()
+    assert err < 1e-4, f"Euler ancestral images differ from diffusers' pipeline by {err:.2e}"
+    alone = sample.generate(pipe, prompts[1:], seeds[1:], 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+    assert (alone - ours[1:]).abs().max() < 1e-5, "an image must not depend on the batch it is rendered in"
+
+
+def test_a_single_image_out_that_is_a_folder_is_refused(tmp_path, capsys):
+    """--out cat.png names one image: an existing folder of that name is refused before anything is drawn."""
+    folder = tmp_path / "cat.png"
+    folder.mkdir()
+    assert D.output_problem(folder, "--out", is_file=True) == f"--out {folder} is a folder, not a file"
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"error: --out {folder} is a folder, not a file", err
+    assert list(folder.iterdir()) == [], "a refused run must write nothing"
+
+
+def test_eval_takes_no_other_prompts(tmp_path):
+    """--eval reads its prompts from its file alone: --prompts (like --prompt) next to it is refused."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    for extra in (["--prompt", "a dog"], ["--prompts", str(tmp_path / "prompts.txt")]):
+        with pytest.raises(UserError, match="--eval takes its prompts from its file alone"):
+            sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
+                               "--out", str(tmp_path / "out")] + extra)
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])

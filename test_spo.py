@@ -117,6 +117,10 @@ def test_checkpoint_with_old_position_ids_buffers_loads(tmp_path, spm_folders):
     state["model.text_model.embeddings.position_ids"] = torch.arange(16)[None]
     torch.save(state, tmp_path / "old.bin")
     pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "old.bin"))
+    state["model.text_model.embeddings.position_ids"] = torch.arange(16).flip(0)[None]  # not what the model holds
+    torch.save(state, tmp_path / "other.bin")
+    with pytest.raises(UserError, match=r"unexpected 1 \(model.text_model.embeddings.position_ids\)"):
+        pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "other.bin"))
 
 
 @pytest.mark.parametrize("which", ["nonsquare", "square"])
@@ -942,8 +946,8 @@ def test_folders_are_written_whole_or_not_at_all(tmp_path):
 def test_spm_checkpoints_keep_the_newest_and_clear_crash_leftovers_only(tmp_path, monkeypatch):
     monkeypatch.setattr(pm, "save_checkpoint", lambda model, path: Path(path).write_text("spm"))
     folder = tmp_path / "checkpoints"
-    for name in ("step-2", ".step-4.tmp", "step-3.tmp"):  # an older one, and two kinds of crash leftovers
-        (folder / name).mkdir(parents=True)
+    for name in ("step-2", ".step-4.tmp", "step-3.tmp", ".step-1.tmp"):  # an older one, and crash leftovers (of
+        (folder / name).mkdir(parents=True)  # this step's save, and of others': atomic_folder clears only its own)
     (folder / "notes.txt").write_text("the user's")  # once crashed the pruning with a traceback
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     pm.save_training_checkpoint(tmp_path, None, optimizer, torch.amp.GradScaler("cpu", enabled=False), {"step": 4})
@@ -1455,8 +1459,14 @@ def test_pickscore_labels_follow_pickscore_on_the_full_size_images(dataset):
     stub = lambda images, prompts: torch.tensor([0.0, math.log(3)])  # softmax (0.25, 0.75): p_1 - p_0 = 0.5
     assert pm.pickscore_labeller(stub, 0.4)("a cat", None, None) == (0.0, 1.0)
     assert pm.pickscore_labeller(stub, 0.6)("a cat", None, None) == (0.5, 0.5), "below the threshold: a tie"
+    equal = lambda images, prompts: torch.tensor([1.0, 1.0])  # p_0 - p_1 = 0 does not exceed 0
+    assert pm.pickscore_labeller(equal, 0.0)("a cat", None, None) == (0.5, 0.5), "equal scores: a tie, even at 0"
     pickscore = pm.PickScoreOnImages("tiny", "tiny")
     units = pm.row_groups(pm.find_shards(str(dataset), pm.SPLITS["validation"]))
+    sizes = []
+    record = lambda caption, *images: sizes.append([image.size for image in images]) or (1.0, 0.0)
+    next(pm.read_rows(units, 16, True, labeller=record))
+    assert sizes == [[(32, 32), (32, 32)]], f"the labeller must see the full-size 32 x 32 images, saw {sizes}"
     rows = list(pm.read_rows(units, 16, True, labeller=pm.pickscore_labeller(pickscore, 0.0)))
     table = pq.read_table(next(dataset.glob("validation_unique-*.parquet"))).to_pylist()
     table = [r for r in table if r["has_label"]]
@@ -2684,6 +2694,47 @@ def test_denoised_pair_is_a_t_x0_plus_one_noise_shared_by_the_pair(identity_sd, 
     assert abs(noise.std().item() - 1) < 0.05, f"noise std {noise.std():.3f} at scale sqrt(a (1 - a)), expected 1"
 
 
+def test_denoised_pair_asks_the_unet_with_each_pairs_caption_and_the_cfg_scale(identity_sd, monkeypatch):
+    """Both images of pair p are denoised under caption p (rows p and b + p) against the one negative row, with
+    the guidance scale asked for (the Wiener denoiser above ignores prompts and guidance, so check the call)."""
+    calls = []
+    wiener = wiener_denoiser(identity_sd)
+
+    def recording(unet, x, t, cond, uncond, cfg):
+        calls.append((cond["text"].clone(), uncond["text"].clone(), cfg))
+        return wiener(unet, x, t, cond, uncond, cfg)
+    monkeypatch.setattr(pm, "predict_noise", recording)
+    pipe, gen = D.Pipeline(identity_sd), torch.Generator().manual_seed(0)
+    im0, im1 = (torch.stack([draw_image(gen) for _ in range(3)]) * 2 - 1 for _ in range(2))
+    captions = ["a red cat", "a beautiful lake", "a photo of a red dog"]
+    cond, uncond = pipe.encode_prompts(captions, (32, 32)), pipe.encode_negative(1, (32, 32))
+    pm.denoised_pair(pipe, im0, im1, cond, uncond, torch.tensor([0, 501, 951]), gen, 3.5)
+    (text, negative, cfg), = calls
+    assert cfg == 3.5, f"denoised_pair must pass its cfg_scale on, passed {cfg}"
+    assert torch.equal(text, cond["text"].repeat(2, 1, 1)), "image i of pair p must be denoised under caption p"
+    assert torch.equal(negative, uncond["text"].expand(6, -1, -1)), "every row takes the one negative prompt"
+
+
+def test_training_pixels_clamp_then_resize_and_pair_scores_use_t():
+    """SPM training preprocesses as the reference: clamp to [0, 1], bicubic resize straight to S x S (no crop),
+    clamp, normalise; pair_scores scores both images of each pair at the pair's t."""
+    spm = pm.load_preference_model("spm", "tiny", "tiny", "tiny")  # trained-like: its scores depend on t
+    gen = torch.Generator().manual_seed(0)
+    images = 3 * (torch.rand(4, 3, 24, 40, generator=gen) * 2 - 1)  # overshooting decoder outputs, not square
+    x = torch.nn.functional.interpolate((images / 2 + 0.5).clamp(0, 1), size=(32, 32), mode="bicubic",
+                                        align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(pm.training_pixels(spm, images), (x - spm.mean) / spm.std, atol=1e-6, rtol=0,
+                               msg=lambda m: f"training pixels are not clamp, resize to S x S, clamp: {m}")
+    ids, t = spm.tokenize(CAPTIONS[:2]), torch.tensor([501, 951])
+    with torch.no_grad():
+        s0, s1 = pm.pair_scores(spm, images[:2], images[2:], ids, t)
+        text = spm.encode_text(ids)
+        for s, im in [(s0, images[:2]), (s1, images[2:])]:
+            torch.testing.assert_close(s, spm.score_pixels(pm.training_pixels(spm, im), t, text), atol=1e-5, rtol=0,
+                                       msg=lambda m: f"pair_scores differ from scoring each image at its t: {m}")
+        assert (s0 - pm.pair_scores(spm, images[:2], images[2:], ids, torch.zeros_like(t))[0]).abs().min() > 1e-4
+
+
 def test_the_spm_is_told_the_t_its_images_were_noised_at(dataset, identity_sd, tmp_path, monkeypatch):
     """Training and evaluation hand the SPM the same t at which denoised_pair noised the pair, not 0: the step
     awareness of the SPM (accuracy tests alone pass without it, since the images still change with t)."""
@@ -2785,18 +2836,39 @@ def test_metrics_and_checkpoint_files(trained):
     assert (trained / "spm.safetensors").is_file() and (trained / "checkpoints" / "step-40" / "optimizer.pt").is_file()
 
 
-def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(dataset, identity_sd, tmp_path):
-    """Same pairs, t, noise and optimizer state after the cut: every draw is seeded by the micro-batch index."""
+@pytest.mark.parametrize("grad_accum", ["1", "2"])
+def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(dataset, identity_sd, tmp_path, grad_accum):
+    """Same pairs, t, noise and optimizer state after the cut: every draw is seeded by the micro-batch index (with
+    accumulation, micro-batches run ahead of steps: the checkpoint must bring back both counts)."""
     from safetensors.torch import load_file
 
     flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
-             "--batch-size", "4", "--eval-every", "2", "--eval-timesteps", "0"]
+             "--batch-size", "4", "--eval-every", "2", "--eval-timesteps", "0", "--grad-accum", grad_accum]
     assert pm.main([*flags, "--out", str(tmp_path / "full"), "--max-steps", "4"]) == 0
     assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--max-steps", "2"]) == 0
     assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--max-steps", "4", "--resume"]) == 0
     full, resumed = (load_file(tmp_path / run / "spm.safetensors") for run in ("full", "cut"))
     assert all(torch.equal(full[k], resumed[k]) for k in full), "a resumed run must end where an uninterrupted one does"
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_resume_refuses_other_settings_and_another_world_size(dataset, identity_sd, tmp_path, capsys):
+    """--resume continues the run in --out as it was set up: a changed setting (here --lr), or a checkpoint from
+    another number of ranks (its stream position counts every rank's pairs), is refused, and the run stays."""
+    out = tmp_path / "run"
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "2", "--eval-timesteps", "0", "--out", str(out)]
+    assert pm.main([*flags, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert pm.main([*flags, "--max-steps", "2", "--resume", "--lr", "2e-3"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: these settings differ from the run in {out}: lr" in err, err
+    progress = out / "checkpoints" / "step-1" / "progress.json"
+    progress.write_text(json.dumps(dict(json.loads(progress.read_text()), world_size=2)))
+    assert pm.main([*flags, "--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: the run in {out} used 2 ranks, not 1" in err, err
+    assert [r["step"] for r in records(out)] == [0, 1, 1], "a refused resume must leave the run as it was"
 
 
 def test_a_run_killed_during_an_evaluation_resumes_from_the_checkpoint_before_it(dataset, identity_sd, tmp_path,
@@ -2823,6 +2895,28 @@ def test_a_run_killed_during_an_evaluation_resumes_from_the_checkpoint_before_it
     assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     full, resumed = (load_file(tmp_path / run / "spm.safetensors") for run in ("full", "cut"))
     assert all(torch.equal(full[k], resumed[k]) for k in full), "a resumed run must end where an uninterrupted one does"
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_resume_drops_what_was_logged_after_its_checkpoint(dataset, identity_sd, tmp_path, monkeypatch):
+    """A run killed between checkpoints has logged steps that --resume trains again: metrics.jsonl keeps only what
+    came up to the checkpoint, so the resumed run's file equals an uninterrupted run's, each step once."""
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "2", "--eval-every", "2", "--eval-timesteps", "0", "--max-steps", "4"]
+    assert pm.main([*flags, "--out", str(tmp_path / "full")]) == 0
+    real, calls = pm.preference_loss, []
+
+    def killed_in_step_4(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+    monkeypatch.setattr(pm, "preference_loss", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pm.main([*flags, "--out", str(tmp_path / "cut")])
+    assert [r["step"] for r in records(tmp_path / "cut")] == [0, 1, 2, 2, 3], "step 3 logged after the checkpoint"
+    monkeypatch.setattr(pm, "preference_loss", real)
+    assert pm.main([*flags, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
 
 
@@ -2898,6 +2992,34 @@ def test_eval_command_prints_the_accuracy_table(trained, dataset, identity_sd, c
     assert abs(float(rows[0][1]) - last["accuracy"]["0"]) < 1e-3, "eval must reproduce the run's last evaluation"
 
 
+def test_evaluation_noise_is_seeded_by_batch_and_t(dataset, identity_sd, monkeypatch):
+    """Each (validation batch, t) draws its own noise from its own seed, the same in every evaluation: the accuracy
+    at one t is not tied to another t's noise, and repeats exactly."""
+    real, seeds = pm.denoised_pair, []
+
+    def denoised(pipe, im0, im1, cond, uncond, t, generator, *rest):
+        seeds.append(generator.initial_seed())
+        return real(pipe, im0, im1, cond, uncond, t, generator, *rest)
+    monkeypatch.setattr(pm, "denoised_pair", denoised)
+    flags = ["eval", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "32", "--eval-timesteps", "0", "251", "501"]
+    assert pm.main(flags) == 0 and pm.main(flags) == 0
+    assert len(seeds) == 8 and seeds[:4] == seeds[4:], f"two evaluations, 2 batches x 2 noisy t each: {seeds}"
+    assert len(set(seeds[:4])) == 4, f"every (batch, t) must draw its own noise, seeds {seeds[:4]}"
+
+
+def test_eval_scores_with_the_presets_released_spm_by_default(dataset, capsys):
+    """eval --kind spm without --checkpoint evaluates the preset's SPM (for tiny, the tiny "trained" one), not a
+    freshly initialised SPM, which would be plain PickScore."""
+    flags = ["eval", "--model", "tiny", "--resolution", "8", "--data", str(dataset), "--eval-timesteps", "0"]
+    assert pm.main(flags) == 0
+    default = capsys.readouterr().out
+    assert pm.main([*flags, "--checkpoint", pm.tiny_spm_paths()[2]]) == 0
+    explicit = capsys.readouterr().out
+    assert default.startswith("tiny: accuracy on 64"), default
+    assert default.splitlines()[1:] == explicit.splitlines()[1:], (default, explicit)
+
+
 def test_a_human_tie_counts_half_in_the_accuracy(dataset, identity_sd, tmp_path, capsys):
     """Validation pairs that humans called a tie count half whichever image the SPM prefers: all ties, 0.5."""
     import pyarrow.parquet as pq
@@ -2933,6 +3055,7 @@ def corrupt(dataset, tmp_path, change):
     (lambda r: r.update(label_0=1.0, label_1=1.0), "row 5: labels (1.0, 1.0) must sum to 1"),
     (lambda r: r.update(caption=None), "row 5: caption must be a string, got None"),
     (lambda r: r.update(num_example_per_prompt=math.inf), "row 5: num_example_per_prompt must be a count in [1, 2^24]"),
+    (lambda r: r.update(num_example_per_prompt=0), "row 5: num_example_per_prompt must be a count in [1, 2^24]"),
 ])
 def test_bad_rows_are_named(dataset, tmp_path, capsys, change, message):
     folder, path = corrupt(dataset, tmp_path, change)
@@ -2971,6 +3094,64 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset
     assert not updates, "a skipped step must not update the SPM"
 
 
+def test_updates_see_gradients_clipped_to_max_grad_norm_and_the_unclipped_norm_is_logged(dataset, identity_sd,
+                                                                                         tmp_path, monkeypatch):
+    """The optimizer steps on gradients of norm <= --max-grad-norm, those of sum(w * loss) / sum(w) clipped (after
+    the rescale to that loss), while metrics.jsonl logs the norm before clipping."""
+    real_step, norms = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "out"
+    assert pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(dataset), "--batch-size", "2", "--max-steps", "2", "--eval-timesteps", "0",
+                    "--max-grad-norm", "1e-3", "--out", str(out)]) == 0
+    logged = [r["grad_norm"] for r in records(out) if "loss" in r]
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms), f"unclipped updates: norms {norms}"
+    assert all(n > 1e-2 for n in logged), f"the log should hold the norm before clipping, got {logged}"
+
+
+def test_a_finite_step_resets_the_count_of_non_finite_steps_in_a_row(dataset, identity_sd, tmp_path, monkeypatch):
+    """Only MAX_BAD_STEPS non-finite steps *in a row* stop a run: two bad steps then a good one, repeated, with a
+    limit of 3, trains to the end, skipping the bad ones."""
+    real, calls = pm.preference_loss, []
+
+    def every_third_finite(*args):
+        calls.append(1)
+        weighted, weights = real(*args)
+        return (weighted if len(calls) % 3 == 0 else weighted * float("nan")), weights
+    monkeypatch.setattr(pm, "preference_loss", every_third_finite)
+    monkeypatch.setattr(pm, "MAX_BAD_STEPS", 3)
+    out = tmp_path / "out"
+    code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(dataset), "--batch-size", "2", "--eval-timesteps", "0", "--max-steps", "7", "--out", str(out)])
+    steps = [r for r in records(out) if "loss" in r]
+    assert code == 0, "a finite step must reset the count of non-finite steps in a row"
+    assert [r["step"] for r in steps if "skipped" in r] == [1, 2, 4, 5, 7]
+
+
+def test_every_micro_batch_draws_its_t_and_noise_from_its_own_seed(dataset, identity_sd, tmp_path, monkeypatch):
+    """The generator of the training t and noise is seeded by the micro-batch's index, not the step's: with
+    --grad-accum 2 the two micro-batches of an update draw different t (resume relies on the index too). t is
+    drawn from all of the SPM's steps [0, 999]."""
+    real_randint, seeds, ranges = torch.randint, [], []
+
+    def randint(low, high, *args, generator=None, **kwargs):
+        if generator is not None:
+            seeds.append(generator.initial_seed())
+            ranges.append((low, high))
+        return real_randint(low, high, *args, generator=generator, **kwargs)
+    monkeypatch.setattr(torch, "randint", randint)
+    assert pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
+                    str(dataset), "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2", "--eval-timesteps",
+                    "0", "--out", str(tmp_path / "out")]) == 0
+    assert seeds == [42 * 1_000_003 + micro for micro in range(4)], f"seeds {seeds}: one per micro-batch, in order"
+    assert ranges == [(0, 1000)] * 4, f"t must be drawn from [0, 999], drawn from [low, high) = {ranges}"
+
+
 def test_a_half_precision_run_keeps_the_frozen_sd_in_fp16_as_the_reference(dataset, identity_sd, tmp_path,
                                                                             monkeypatch):
     """The reference runs its SD in fp16 and its SPM in bf16: --precision bf16 autocasts the SPM to bf16 (no
@@ -3007,6 +3188,11 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),  # clipping to 0 would zero every update
+    (["--grad-accum", "0"], "--grad-accum must be > 0, got 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--pickscore-labels", "1"], "--pickscore-labels must be in [0, 1) or none, got 1.0"),  # p_0 - p_1 > 1: all ties
     (["--eval-timesteps", "0", "1000"], "--eval-timesteps must be in [0, 999], got 1000"),
     (["--eval-timesteps", "0", "501", "0"], "--eval-timesteps names a t twice: 0 501 0"),  # t = 0 scored 1.34
     (["--cfg", "0.5"], "--cfg must be >= 1 (1: no guidance), got 0.5"),  # predict_noise would ignore it
@@ -3113,6 +3299,73 @@ def test_two_ranks_train_to_identical_spms(ddp_flags, single_run, tmp_path):
     # Validation split by whole batches with each batch's own noise: the same numbers as one process.
     assert logged[0] == records(single_run)[0]
     assert json.loads((out / "checkpoints" / "step-3" / "progress.json").read_text())["world_size"] == 2
+
+
+def test_two_ranks_resume_where_they_stopped(ddp_flags, tmp_path):
+    """--resume under torchrun passes over every rank's pairs (micro-batches x batch size x ranks), so a 2-rank run
+    stopped after step 1 and resumed ends with the weights and losses of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(full)])
+    spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(cut), "--max-steps", "1"])
+    spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(cut), "--resume"])
+    a, b = (load_file(run / "spm.safetensors") for run in (full, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed 2-rank run must end where an uninterrupted one does"
+    losses = [[r["loss"] for r in records(run) if "loss" in r] for run in (full, cut)]
+    assert losses[0] == losses[1], losses
+
+
+SPM_SEEDS_RUN = """
+import json, os, sys
+sys.path.insert(0, {project!r})
+import torch
+torch.set_num_threads(1)
+import preference_model as pm
+real_pair, real_evaluate, phase, seeds = pm.denoised_pair, pm.evaluate, ["train"], []
+
+
+def denoised_pair(pipe, im0, im1, cond, uncond, t, generator, *rest):  # each noise draw's seed and pairs
+    seeds.append((phase[0], generator.initial_seed(), [round(x, 3) for x in im0.flatten(1).sum(1).tolist()]))
+    return real_pair(pipe, im0, im1, cond, uncond, t, generator, *rest)
+
+
+def evaluate(*args, **kwargs):
+    phase[0] = "eval"
+    try:
+        return real_evaluate(*args, **kwargs)
+    finally:
+        phase[0] = "train"
+
+
+pm.denoised_pair, pm.evaluate = denoised_pair, evaluate
+try:
+    code = pm.main(sys.argv[1:])
+finally:
+    with open(sys.argv[sys.argv.index("--out") + 1] + ".seeds." + os.environ.get("RANK", "0"), "w") as f:
+        json.dump(seeds, f)
+sys.exit(code)
+"""
+
+
+def test_ranks_draw_their_own_training_noise_and_each_validation_batchs_own(ddp_flags, tmp_path):
+    """Under torchrun each rank's micro-batches draw their t and noise from their own seeds (ranks that shared them
+    would noise their pairs alike), while validation batch b, the same pairs as in one process, gets batch b's
+    noise whichever rank evaluates it: the same numbers as one process."""
+    script = tmp_path / "seeds.py"
+    script.write_text(SPM_SEEDS_RUN.format(project=str(Path(__file__).resolve().parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for nproc, out in ((2, tmp_path / "ranks"), (1, tmp_path / "one")):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={nproc}", str(script), *ddp_flags, "--out", str(out)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    ranks = [s for r in (0, 1) for s in json.loads(Path(f"{tmp_path / 'ranks'}.seeds.{r}").read_text())]
+    one = json.loads(Path(f"{tmp_path / 'one'}.seeds.0").read_text())
+    train = [seed for phase, seed, _ in ranks if phase == "train"]
+    assert len(train) == 3 * 2 * 2 and len(set(train)) == len(train), f"ranks or micro-batches share seeds: {train}"
+    evals = [sorted([seed, pairs] for phase, seed, pairs in run if phase == "eval") for run in (ranks, one)]
+    assert evals[0] and evals[0] == evals[1], f"validation batches or their noise depend on the rank: {evals}"
 
 
 def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, single_run, tmp_path):

@@ -776,6 +776,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--preference-model", "/nonexistent/clip"], "--preference-model: no such folder"),
     (["--grad-accum", "0"], "--grad-accum must be >= 1"),
     (["--save-every", "-1"], "--save-every and --keep must be >= 0"),
+    (["--keep", "-1"], "--save-every and --keep must be >= 0"),
     (["--max-bad-steps", "0"], "--max-bad-steps must be >= 1"),
     (["--precision", "fp64"], "invalid choice: 'fp64'"),
     (["--k", "four"], "invalid int value: 'four'"),
@@ -3760,3 +3761,260 @@ def test_a_setting_missing_from_an_old_run_counts_as_its_default(tiny_run, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         spo.main(FAST + ["--out", str(out), "--resume", "--num-inner-step", str(spo.Config.num_inner_step + 1)])
     assert exit_info.value.code == 2 and "num_inner_step" in capsys.readouterr().err
+
+
+# ---- mutation-audit additions: cheap direct checks of bookkeeping the end-to-end tests do not pin ----
+
+def test_a_pool_of_tied_scores_keeps_no_pair_even_at_threshold_0():
+    """tanh(0) = 0 is not > 0: a pool whose candidates all score alike has no preference, so even --threshold 0
+    must drop it (otherwise the winner and the loser would be the same candidate)."""
+    scores = torch.tensor([[1.0, 2.0], [1.0, 0.5], [1.0, 2.0]])  # prompt 0: a three-way tie; prompt 1: a clear one
+    win, lose, valid = spo.pick_win_lose(scores, 0.0)
+    assert valid.tolist() == [False, True], f"a tie must never pass the threshold, got valid={valid.tolist()}"
+    assert win[1].item() == 0 and lose[1].item() == 1
+
+
+def test_derived_seed_depends_on_the_run_seed_and_on_every_part():
+    """--seed must change every derived generator: two runs with different seeds draw different noise."""
+    a, b = spo.Config(seed=1), spo.Config(seed=2)
+    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(b, "sample", 0, 0, 0), "--seed is ignored"
+    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(a, "sample", 0, 1, 0)
+    assert 0 <= spo.derived_seed(a, "order", 3) < 2**63, "a seed must fit torch.Generator.manual_seed"
+
+
+def test_the_math_and_model_settings_cannot_change_on_resume():
+    """A resumed run may change only where and how it runs, never what it computes."""
+    fixed = {"model", "k", "beta", "eps", "threshold", "steps", "divert_start_step", "num_inner_step", "eta", "cfg",
+             "lr", "weight_decay", "lora_rank", "lora_alpha", "seed", "sample_batch_size", "train_batch_size",
+             "grad_accum", "resolution", "max_grad_norm"}
+    fixed &= {f.name for f in dataclasses.fields(spo.Config)}
+    assert not fixed & set(spo.CHANGEABLE_ON_RESUME), f"changeable on resume: {sorted(fixed & set(spo.CHANGEABLE_ON_RESUME))}"
+
+
+def test_a_checkpoint_position_must_be_three_non_negative_integers(tmp_path):
+    """progress.json is validated before anything loads: a negative or short position is a UserError."""
+    for position in ([-1, 0, 0], [0, 0], [0, 0, 1.5]):
+        (tmp_path / "progress.json").write_text(json.dumps(dict(position=position, global_step=0, prompts_sha256="x")))
+        with pytest.raises(UserError, match="lacks a valid position"):
+            spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 0, 0], global_step=-1, prompts_sha256="x")))
+    with pytest.raises(UserError, match="lacks a valid position"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+
+
+def test_device_problem_names_a_cuda_index_past_the_last_device(monkeypatch):
+    """cuda:N exists only for N < device_count (indices start at 0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.device_problem("cuda:1") is None and D.device_problem("cuda") is None
+    assert "has 2 CUDA devices" in (D.device_problem("cuda:2") or ""), "cuda:2 on a 2-GPU machine must be refused"
+    assert "must be cpu or cuda" in D.device_problem("gpu")
+
+
+def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
+    """Only the last line can be cut short by a kill; a damaged line before it is a UserError, never silently
+    the end of the records."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in D.read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not a metrics record"):
+        D.read_metrics(path)
+    assert D.read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_a_json_prompt_file_may_start_with_whitespace(tmp_path):
+    """Leading blank lines or spaces do not turn a JSON prompt file into one prompt per line."""
+    path = tmp_path / "prompts.json"
+    path.write_text('\n  [{"caption": "a cat"},\n "a dog"]\n')
+    assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
+
+
+def test_stop_signal_sets_a_flag_a_second_ctrl_c_interrupts_and_exit_restores_handlers():
+    """The first SIGTERM/SIGINT only sets the flag; a second SIGINT raises KeyboardInterrupt (a second SIGTERM does
+    not); leaving the block puts the previous handlers back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with D.StopSignal() as stop:
+        assert stop.signum is None
+        try:
+            stop.handle(signal.SIGINT, None)  # the loop finishes its step and checkpoints
+        except KeyboardInterrupt:
+            pytest.fail("the first SIGINT must only set the flag, not interrupt")
+        assert stop.signum == signal.SIGINT
+    with D.StopSignal() as stop:
+        stop.handle(signal.SIGTERM, None)
+        stop.handle(signal.SIGTERM, None)  # a cluster's repeated SIGTERM is not a Ctrl-C
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+    assert {s: signal.getsignal(s) for s in before} == before, "StopSignal must restore the previous handlers"
+
+
+def test_the_validation_grid_has_a_column_per_seed_and_a_row_per_prompt(tmp_path):
+    """One tile per (prompt, seed): seeds across, prompts down."""
+    from PIL import Image
+
+    cfg = spo.parse_args(FAST + ["--validation-prompts", "a cat", "--validation-seeds", "0", "1", "2"])
+    spo.save_validation_grid(D.Pipeline("tiny"), cfg, tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (3 * 16, 1 * 16), "expected 3 columns (seeds) by 1 row (prompt)"
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update():
+    """The skip follows the gradient's norm, not only the loss: an inf gradient behind a finite loss must leave the
+    LoRA and the optimizer untouched, and the record says why."""
+    cfg = spo.parse_args(FAST)
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 2, 2, generator=gen)
+    pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501]), win=torch.randn(2, 4, 2, 2, generator=gen),
+                 lose=torch.randn(2, 4, 2, 2, generator=gen),
+                 text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+    hook = m.lora_params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in m.lora_params]
+    record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)), m.lora_params,
+                                   m.optimizer, m.scaler, m.autocast, cfg, 1, [])
+    hook.remove()
+    assert math.isfinite(record["loss"]) and not math.isfinite(record["grad_norm"])
+    assert record.get("skipped") == "non-finite gradient", record
+    assert all(torch.equal(p, b) for p, b in zip(m.lora_params, before)), "a non-finite gradient must not update"
+    assert not m.optimizer.state, "a skipped update must not touch the optimizer's state"
+
+
+def test_an_updates_logged_loss_and_ratios_are_the_mean_over_its_micro_batches(monkeypatch):
+    """With --grad-accum 2 the record of an update averages the loss and the ratios of both micro-batches (not the
+    last one's), and counts the pairs of both."""
+    cfg = spo.parse_args(FAST + ["--grad-accum", "2"])
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    real, offsets = spo.spo_loss, iter([1.0, 3.0])
+
+    def shifted(*args):  # the same gradient, a known loss and ratio per micro-batch
+        loss, ratio_w, ratio_l = real(*args)
+        shift = next(offsets)
+        return loss + shift, ratio_w * shift, ratio_l
+
+    monkeypatch.setattr(spo, "spo_loss", shifted)
+    gen = torch.Generator().manual_seed(0)
+    text = m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"]
+    group, records = [], []
+    for n in (2, 1):
+        x_t = torch.randn(n, 4, 2, 2, generator=gen)
+        pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501][:n]), win=torch.randn(n, 4, 2, 2, generator=gen),
+                     lose=torch.randn(n, 4, 2, 2, generator=gen), text=text[:n])
+        records.append(spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
+                                             m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1, group))
+    record = records[1]
+    assert records[0] is None and record is not None
+    # at the LoRA's zero init the policy is the reference: loss log 2 and ratios 1 before the shifts
+    assert record["loss"] == pytest.approx(math.log(2) + 2.0, rel=1e-5), f"loss not averaged over the group: {record}"
+    assert record["ratio_win"] == pytest.approx(2.0, rel=1e-5) and record["ratio_lose"] == pytest.approx(1.0, rel=1e-5)
+    assert record["pairs"] == 3, "pairs counts every micro-batch of the group"
+
+
+def test_an_output_path_that_is_a_broken_link_is_named(tmp_path):
+    """A dangling symlink as --out is refused up front, by name: mkdir would fail on it only after the models load."""
+    dangling = tmp_path / "run"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for is_file in (False, True):
+        assert "is a broken link" in (D.output_problem(dangling, "--out", is_file=is_file) or ""), is_file
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_is_spo_run_needs_all_of_spo_settings_in_a_json_object(tmp_path):
+    """--overwrite deletes only a spo.py run: a config.json with just some of its keys (another tool's config) or a
+    non-object, or none at all, is not one."""
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(spo.Config())))
+    assert spo.is_spo_run(tmp_path)
+    for other in ({"beta": 0.1, "eps": 1e-8, "k": 4}, ["divert_start_step", "k", "beta", "eps", "threshold"], "x"):
+        (tmp_path / "config.json").write_text(json.dumps(other))
+        assert not spo.is_spo_run(tmp_path), f"{other!r} taken for a spo.py run"
+    (tmp_path / "config.json").write_text("{bad")
+    assert not spo.is_spo_run(tmp_path) and not spo.is_spo_run(tmp_path / "absent")
+
+
+def test_cleanup_of_an_unstarted_run_spares_a_run_with_a_checkpoint(tmp_path):
+    """remove_unstarted_run removes only what a fresh run wrote before its first checkpoint: once a checkpoint
+    exists the run is resumable and stays; before that, a folder the run made goes, and a folder it found empty is
+    emptied but kept."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "epoch-0001_batch-000000_pair-00000").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    D.remove_unstarted_run(out, created=True)
+    assert (out / "config.json").is_file(), "a run with a checkpoint must never be removed"
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()  # made, but still empty: nothing to resume from
+    D.remove_unstarted_run(out, created=False)
+    assert out.is_dir() and not any(out.iterdir()), "a folder the user made is emptied, not removed"
+    (out / "config.json").write_text("{}")
+    D.remove_unstarted_run(out, created=True)
+    assert not out.exists(), "a folder the run made is removed"
+
+
+def test_cleanup_of_an_unstarted_run_behind_a_link_keeps_the_link(tmp_path):
+    """--out given as a link to a folder: cleaning up a failed fresh run removes the files the run wrote behind the
+    link, never the link itself (even if the run believed it made the folder)."""
+    target, link = tmp_path / "target", tmp_path / "run"
+    target.mkdir()
+    link.symlink_to(target)
+    (link / "config.json").write_text("{}")
+    (link / "samples").mkdir()
+    D.remove_unstarted_run(link, created=True)
+    assert link.is_symlink() and target.is_dir(), "the link must stay"
+    assert not any(target.iterdir()), "the run's files behind the link must go"
+
+
+def test_remove_unfinished_clears_crash_leftovers_of_both_namings_only(tmp_path):
+    """A crash mid-save leaves ".NAME.tmp" (atomic_folder) or "NAME.tmp" (older versions): both go; finished
+    checkpoints and files that only end in .tmp stay."""
+    done = tmp_path / "epoch-0001_batch-000000_pair-00000"
+    for name in (done.name, ".epoch-0002_batch-000000_pair-00000.tmp", "epoch-0002_batch-000000_pair-00000.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.tmp").write_text("the user's")
+    D.remove_unfinished(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [done.name, "notes.tmp"], sorted(tmp_path.iterdir())
+
+
+def test_pending_pairs_without_every_tensor_resume_needs_are_refused(tmp_path, monkeypatch):
+    """A mid-batch checkpoint's pending_pairs.safetensors must hold the pairs and their shuffle ("perm"): one
+    without them (an older version's) is a UserError naming the file, not a KeyError deep in the loop."""
+    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the pairs file is under test
+    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 2], global_step=1, prompts_sha256="x")))
+    pairs = {k: torch.zeros(2, 1) for k in ("x_t", "x_t_lose", "t", "win", "lose", "text")}
+    save_file(pairs, tmp_path / "pending_pairs.safetensors")
+    with pytest.raises(UserError, match="pending_pairs.safetensors lacks some of the pairs' tensors"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    save_file({**pairs, "perm": torch.arange(2)}, tmp_path / "pending_pairs.safetensors")
+    progress, pending = spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    assert progress["position"] == [0, 1, 2] and torch.equal(pending["perm"], torch.arange(2))
+
+
+def test_group_gradients_that_do_not_match_the_lora_are_refused(tmp_path, monkeypatch):
+    """An unfinished accumulation group's saved gradients must be one per LoRA tensor: another count is a
+    UserError naming the file; a matching file puts each gradient back on its tensor."""
+    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the gradients file is under test
+    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 0], global_step=0, prompts_sha256="x",
+                                                            group=[[0.7, 1.0, 1.0, 2]])))
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    save_file({"0": torch.ones(2)}, tmp_path / "group_grads.safetensors")
+    with pytest.raises(UserError, match="group_grads.safetensors does not match the LoRA's 2 tensors"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
+    save_file({"0": torch.ones(2), "1": torch.full((3,), 2.0)}, tmp_path / "group_grads.safetensors")
+    spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
+    assert torch.equal(params[1].grad, torch.full((3,), 2.0)), "each saved gradient goes back on its own tensor"
+
+
+def test_a_resume_from_mid_epoch_trains_every_batch_of_the_later_epochs(tiny_run, tmp_path):
+    """Resuming from a checkpoint at (epoch 0, batch 1) goes on at epoch 0's batch 1, and epoch 1 starts at its
+    batch 0 again (not at batch 1), so the run ends exactly as the uninterrupted one."""
+    out = tmp_path / "mid"
+    spo.main(FAST + ["--out", str(out), "--save-every", "1"])
+    names = [d.name for d in spo.checkpoint_dirs(out)]
+    assert names[0] == "epoch-0000_batch-000001_pair-00000", names
+    for d in spo.checkpoint_dirs(out)[1:]:  # as if the run died right after its first checkpoint
+        shutil.rmtree(d)
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    spo.main(FAST + ["--out", str(out), "--resume", "--save-every", "1"])
+    assert_same_run(tiny_run, out)
+    assert {(r["epoch"], r["batch"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())} == {
+        (e, b) for e in (0, 1) for b in (0, 1)}, "every batch of every epoch must train"

@@ -285,6 +285,23 @@ def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path,
     assert pickscore([Image.new("RGB", (40, 40))], ["a red cat"]).shape == (1,)
 
 
+def test_cli_score_is_the_score_at_the_timestep_asked(capsys, png_files):
+    model = pm.load_preference_model("spm", "tiny", "tiny", "tiny")
+    with torch.no_grad():
+        scores = {t: model.score(pm.load_image(png_files[0]), model.tokenize(["a red cat"]), t).item() for t in (0, 500)}
+    assert f"{scores[0]:.4f}" != f"{scores[500]:.4f}", "pick images or t where the tiny SPM tells the steps apart"
+    assert pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], "--timestep", "500"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == f"{scores[500]:.4f}"
+
+
+def test_a_checkpoint_tensor_of_another_shape_is_named(tmp_path, spm_folders):
+    state = load_file(SPM_GOLDEN / "spm_official.safetensors")
+    state["model.t_embedder.mlp.0.weight"] = state["model.t_embedder.mlp.0.weight"][:, :-1].contiguous()
+    save_file(state, tmp_path / "reshaped.safetensors")
+    with pytest.raises(UserError, match=r"wrong shape 1 \(model.t_embedder.mlp.0.weight\)"):
+        pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "reshaped.safetensors"))
+
+
 # ---- DDIM step, win/lose selection and SPO loss: the official math, bit for bit ----
 
 import diffusion as D  # noqa: E402
@@ -354,6 +371,15 @@ def test_spo_loss_and_gradients_equal_official(case, dtype):
     assert torch.equal(ratio_w, g[p + "ratio_w"]) and torch.equal(ratio_l, g[p + "ratio_l"]), "ratios differ"
     # Clamped sides get exactly zero gradient (golden README N5).
     assert torch.equal(logp_w.grad, g[p + "grad_logp_w"]) and torch.equal(logp_l.grad, g[p + "grad_logp_l"])
+
+
+def test_a_pool_of_tied_scores_keeps_no_pair_even_at_threshold_0():
+    """tanh(0) = 0 is not > 0: a pool whose candidates all score alike has no preference, so even --threshold 0
+    must drop it (otherwise the winner and the loser would be the same candidate)."""
+    scores = torch.tensor([[1.0, 2.0], [1.0, 0.5], [1.0, 2.0]])  # prompt 0: a three-way tie; prompt 1: a clear one
+    win, lose, valid = spo.pick_win_lose(scores, 0.0)
+    assert valid.tolist() == [False, True], f"a tie must never pass the threshold, got valid={valid.tolist()}"
+    assert win[1].item() == 0 and lose[1].item() == 1
 
 
 # ---- the SPO sampler replays the official run ----
@@ -552,6 +578,14 @@ def test_lora_with_unknown_or_misshaped_keys_is_refused(lora_unet):
     key = next(iter(good))
     with pytest.raises(UserError, match="shape"):
         D.lora_modules({**good, key: torch.zeros(8, 3)}, no_alpha, unet)
+
+
+def test_lora_disabled_switches_the_lora_back_on_after_an_exception(lora_unet):
+    unet, io = lora_unet
+    D.inject_lora(unet, 4, 4)
+    with pytest.raises(KeyError), D.lora_disabled(unet):
+        raise KeyError("a failure inside the reference forward")
+    assert all(layer.enabled for layer in D.lora_layers(unet)), "an exception left the LoRA switched off"
 
 
 # ---- SPO training step ----
@@ -1055,6 +1089,60 @@ def test_compiled_training_compiles_nothing_after_its_first_batch(monkeypatch, t
     assert at_the_end == after_first[0], f"graphs compiled after the first batch: {scorer.graphs}, {at_the_end}"
 
 
+def test_derived_seed_depends_on_the_run_seed_and_on_every_part():
+    """--seed must change every derived generator: two runs with different seeds draw different noise."""
+    a, b = spo.Config(seed=1), spo.Config(seed=2)
+    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(b, "sample", 0, 0, 0), "--seed is ignored"
+    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(a, "sample", 0, 1, 0)
+    assert 0 <= spo.derived_seed(a, "order", 3) < 2**63, "a seed must fit torch.Generator.manual_seed"
+
+
+def test_a_json_prompt_file_may_start_with_whitespace(tmp_path):
+    """Leading blank lines or spaces do not turn a JSON prompt file into one prompt per line."""
+    path = tmp_path / "prompts.json"
+    path.write_text('\n  [{"caption": "a cat"},\n "a dog"]\n')
+    assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
+
+
+def test_the_validation_grid_has_a_column_per_seed_and_a_row_per_prompt(tmp_path):
+    """One tile per (prompt, seed): seeds across, prompts down."""
+    from PIL import Image
+
+    cfg = spo.parse_args(FAST + ["--validation-prompts", "a cat", "--validation-seeds", "0", "1", "2"])
+    spo.save_validation_grid(D.Pipeline("tiny"), cfg, tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (3 * 16, 1 * 16), "expected 3 columns (seeds) by 1 row (prompt)"
+
+
+def test_an_updates_logged_loss_and_ratios_are_the_mean_over_its_micro_batches(monkeypatch):
+    """With --grad-accum 2 the record of an update averages the loss and the ratios of both micro-batches (not the
+    last one's), and counts the pairs of both."""
+    cfg = spo.parse_args(FAST + ["--grad-accum", "2"])
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    real, offsets = spo.spo_loss, iter([1.0, 3.0])
+
+    def shifted(*args):  # the same gradient, a known loss and ratio per micro-batch
+        loss, ratio_w, ratio_l = real(*args)
+        shift = next(offsets)
+        return loss + shift, ratio_w * shift, ratio_l
+
+    monkeypatch.setattr(spo, "spo_loss", shifted)
+    gen = torch.Generator().manual_seed(0)
+    text = m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"]
+    group, records = [], []
+    for n in (2, 1):
+        x_t = torch.randn(n, 4, 2, 2, generator=gen)
+        pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501][:n]), win=torch.randn(n, 4, 2, 2, generator=gen),
+                     lose=torch.randn(n, 4, 2, 2, generator=gen), text=text[:n])
+        records.append(spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
+                                             m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1, group))
+    record = records[1]
+    assert records[0] is None and record is not None
+    # at the LoRA's zero init the policy is the reference: loss log 2 and ratios 1 before the shifts
+    assert record["loss"] == pytest.approx(math.log(2) + 2.0, rel=1e-5), f"loss not averaged over the group: {record}"
+    assert record["ratio_win"] == pytest.approx(2.0, rel=1e-5) and record["ratio_lose"] == pytest.approx(1.0, rel=1e-5)
+    assert record["pairs"] == 3, "pairs counts every micro-batch of the group"
+
+
 # ---- reliability: interrupted runs, untrusted files, numerical faults ----
 
 
@@ -1176,6 +1264,245 @@ def test_accumulation_groups_span_prompt_batches_and_resume_exactly(tmp_path):
     assert exit_.value.code == 2
     spo.main(args + ["--out", str(out), "--resume"])
     assert_same_run(tmp_path / "reference", out)
+
+
+def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    saved = json.loads((out / "config.json").read_text())
+    for flag, value in (("--threshold", saved["threshold"] + 0.05), ("--lora-alpha", saved["lora_alpha"] * 2)):
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(out), "--resume", flag, str(value)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "these settings differ from the run" in err
+        assert flag[2:].replace("-", "_") in err, err
+
+
+def test_the_math_and_model_settings_cannot_change_on_resume():
+    """A resumed run may change only where and how it runs, never what it computes."""
+    fixed = {"model", "k", "beta", "eps", "threshold", "steps", "divert_start_step", "num_inner_step", "eta", "cfg",
+             "lr", "weight_decay", "lora_rank", "lora_alpha", "seed", "sample_batch_size", "train_batch_size",
+             "grad_accum", "resolution", "max_grad_norm"}
+    fixed &= {f.name for f in dataclasses.fields(spo.Config)}
+    assert not fixed & set(spo.CHANGEABLE_ON_RESUME), f"changeable on resume: {sorted(fixed & set(spo.CHANGEABLE_ON_RESUME))}"
+
+
+def test_a_setting_missing_from_an_old_run_counts_as_its_default(tiny_run, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out)
+    config = json.loads((out / "config.json").read_text())
+    del config["num_inner_step"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--resume", "--num-inner-step", str(spo.Config.num_inner_step + 1)])
+    assert exit_info.value.code == 2 and "num_inner_step" in capsys.readouterr().err
+
+
+def test_resume_starts_from_the_newest_checkpoint(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    names = [d.name for d in spo.checkpoint_dirs(out)]
+    assert len(names) == 2 and names == sorted(names)
+    capsys.readouterr()
+    spo.main(FAST + ["--out", str(out), "--resume"])
+    assert f"from {names[-1]} " in capsys.readouterr().out
+
+
+def test_a_resume_from_mid_epoch_trains_every_batch_of_the_later_epochs(tiny_run, tmp_path):
+    """Resuming from a checkpoint at (epoch 0, batch 1) goes on at epoch 0's batch 1, and epoch 1 starts at its
+    batch 0 again (not at batch 1), so the run ends exactly as the uninterrupted one."""
+    out = tmp_path / "mid"
+    spo.main(FAST + ["--out", str(out), "--save-every", "1"])
+    names = [d.name for d in spo.checkpoint_dirs(out)]
+    assert names[0] == "epoch-0000_batch-000001_pair-00000", names
+    for d in spo.checkpoint_dirs(out)[1:]:  # as if the run died right after its first checkpoint
+        shutil.rmtree(d)
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    spo.main(FAST + ["--out", str(out), "--resume", "--save-every", "1"])
+    assert_same_run(tiny_run, out)
+    assert {(r["epoch"], r["batch"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())} == {
+        (e, b) for e in (0, 1) for b in (0, 1)}, "every batch of every epoch must train"
+
+
+def test_keep_keeps_the_newest_checkpoints(tiny_run, tmp_path):
+    out = tmp_path / "kept"
+    spo.main(FAST + ["--out", str(out), "--keep", "1"])
+    assert [d.name for d in spo.checkpoint_dirs(out)] == [spo.checkpoint_dirs(tiny_run)[-1].name]
+
+
+def test_overwrite_starts_the_run_afresh(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    spo.main(FAST[:-1] + ["1", "--out", str(out), "--overwrite"])
+    assert len(spo.checkpoint_dirs(out)) == 1, "the replaced run's checkpoints survived --overwrite"
+    assert {json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {0}
+
+
+def test_is_spo_run_needs_all_of_spo_settings_in_a_json_object(tmp_path):
+    """--overwrite deletes only a spo.py run: a config.json with just some of its keys (another tool's config) or a
+    non-object, or none at all, is not one."""
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(spo.Config())))
+    assert spo.is_spo_run(tmp_path)
+    for other in ({"beta": 0.1, "eps": 1e-8, "k": 4}, ["divert_start_step", "k", "beta", "eps", "threshold"], "x"):
+        (tmp_path / "config.json").write_text(json.dumps(other))
+        assert not spo.is_spo_run(tmp_path), f"{other!r} taken for a spo.py run"
+    (tmp_path / "config.json").write_text("{bad")
+    assert not spo.is_spo_run(tmp_path) and not spo.is_spo_run(tmp_path / "absent")
+
+
+def test_cleanup_of_an_unstarted_run_spares_a_run_with_a_checkpoint(tmp_path):
+    """remove_unstarted_run removes only what a fresh run wrote before its first checkpoint: once a checkpoint
+    exists the run is resumable and stays; before that, a folder the run made goes, and a folder it found empty is
+    emptied but kept."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "epoch-0001_batch-000000_pair-00000").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    D.remove_unstarted_run(out, created=True)
+    assert (out / "config.json").is_file(), "a run with a checkpoint must never be removed"
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()  # made, but still empty: nothing to resume from
+    D.remove_unstarted_run(out, created=False)
+    assert out.is_dir() and not any(out.iterdir()), "a folder the user made is emptied, not removed"
+    (out / "config.json").write_text("{}")
+    D.remove_unstarted_run(out, created=True)
+    assert not out.exists(), "a folder the run made is removed"
+
+
+def test_cleanup_of_an_unstarted_run_behind_a_link_keeps_the_link(tmp_path):
+    """--out given as a link to a folder: cleaning up a failed fresh run removes the files the run wrote behind the
+    link, never the link itself (even if the run believed it made the folder)."""
+    target, link = tmp_path / "target", tmp_path / "run"
+    target.mkdir()
+    link.symlink_to(target)
+    (link / "config.json").write_text("{}")
+    (link / "samples").mkdir()
+    D.remove_unstarted_run(link, created=True)
+    assert link.is_symlink() and target.is_dir(), "the link must stay"
+    assert not any(target.iterdir()), "the run's files behind the link must go"
+
+
+def test_remove_unfinished_clears_crash_leftovers_of_both_namings_only(tmp_path):
+    """A crash mid-save leaves ".NAME.tmp" (atomic_folder) or "NAME.tmp" (older versions): both go; finished
+    checkpoints and files that only end in .tmp stay."""
+    done = tmp_path / "epoch-0001_batch-000000_pair-00000"
+    for name in (done.name, ".epoch-0002_batch-000000_pair-00000.tmp", "epoch-0002_batch-000000_pair-00000.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.tmp").write_text("the user's")
+    D.remove_unfinished(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [done.name, "notes.tmp"], sorted(tmp_path.iterdir())
+
+
+def test_a_checkpoint_position_must_be_three_non_negative_integers(tmp_path):
+    """progress.json is validated before anything loads: a negative or short position is a UserError."""
+    for position in ([-1, 0, 0], [0, 0], [0, 0, 1.5]):
+        (tmp_path / "progress.json").write_text(json.dumps(dict(position=position, global_step=0, prompts_sha256="x")))
+        with pytest.raises(UserError, match="lacks a valid position"):
+            spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 0, 0], global_step=-1, prompts_sha256="x")))
+    with pytest.raises(UserError, match="lacks a valid position"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+
+
+def test_pending_pairs_without_every_tensor_resume_needs_are_refused(tmp_path, monkeypatch):
+    """A mid-batch checkpoint's pending_pairs.safetensors must hold the pairs and their shuffle ("perm"): one
+    without them (an older version's) is a UserError naming the file, not a KeyError deep in the loop."""
+    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the pairs file is under test
+    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 2], global_step=1, prompts_sha256="x")))
+    pairs = {k: torch.zeros(2, 1) for k in ("x_t", "x_t_lose", "t", "win", "lose", "text")}
+    save_file(pairs, tmp_path / "pending_pairs.safetensors")
+    with pytest.raises(UserError, match="pending_pairs.safetensors lacks some of the pairs' tensors"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    save_file({**pairs, "perm": torch.arange(2)}, tmp_path / "pending_pairs.safetensors")
+    progress, pending = spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
+    assert progress["position"] == [0, 1, 2] and torch.equal(pending["perm"], torch.arange(2))
+
+
+def test_group_gradients_that_do_not_match_the_lora_are_refused(tmp_path, monkeypatch):
+    """An unfinished accumulation group's saved gradients must be one per LoRA tensor: another count is a
+    UserError naming the file; a matching file puts each gradient back on its tensor."""
+    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the gradients file is under test
+    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
+    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 0], global_step=0, prompts_sha256="x",
+                                                            group=[[0.7, 1.0, 1.0, 2]])))
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    save_file({"0": torch.ones(2)}, tmp_path / "group_grads.safetensors")
+    with pytest.raises(UserError, match="group_grads.safetensors does not match the LoRA's 2 tensors"):
+        spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
+    save_file({"0": torch.ones(2), "1": torch.full((3,), 2.0)}, tmp_path / "group_grads.safetensors")
+    spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
+    assert torch.equal(params[1].grad, torch.full((3,), 2.0)), "each saved gradient goes back on its own tensor"
+
+
+def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
+    """Only the last line can be cut short by a kill; a damaged line before it is a UserError, never silently
+    the end of the records."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in D.read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not a metrics record"):
+        D.read_metrics(path)
+    assert D.read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_stop_signal_sets_a_flag_a_second_ctrl_c_interrupts_and_exit_restores_handlers():
+    """The first SIGTERM/SIGINT only sets the flag; a second SIGINT raises KeyboardInterrupt (a second SIGTERM does
+    not); leaving the block puts the previous handlers back."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with D.StopSignal() as stop:
+        assert stop.signum is None
+        try:
+            stop.handle(signal.SIGINT, None)  # the loop finishes its step and checkpoints
+        except KeyboardInterrupt:
+            pytest.fail("the first SIGINT must only set the flag, not interrupt")
+        assert stop.signum == signal.SIGINT
+    with D.StopSignal() as stop:
+        stop.handle(signal.SIGTERM, None)
+        stop.handle(signal.SIGTERM, None)  # a cluster's repeated SIGTERM is not a Ctrl-C
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(signal.SIGINT, None)
+    assert {s: signal.getsignal(s) for s in before} == before, "StopSignal must restore the previous handlers"
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update():
+    """The skip follows the gradient's norm, not only the loss: an inf gradient behind a finite loss must leave the
+    LoRA and the optimizer untouched, and the record says why."""
+    cfg = spo.parse_args(FAST)
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 2, 2, generator=gen)
+    pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501]), win=torch.randn(2, 4, 2, 2, generator=gen),
+                 lose=torch.randn(2, 4, 2, 2, generator=gen),
+                 text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+    hook = m.lora_params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in m.lora_params]
+    record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)), m.lora_params,
+                                   m.optimizer, m.scaler, m.autocast, cfg, 1, [])
+    hook.remove()
+    assert math.isfinite(record["loss"]) and not math.isfinite(record["grad_norm"])
+    assert record.get("skipped") == "non-finite gradient", record
+    assert all(torch.equal(p, b) for p, b in zip(m.lora_params, before)), "a non-finite gradient must not update"
+    assert not m.optimizer.state, "a skipped update must not touch the optimizer's state"
+
+
+def test_device_problem_names_a_cuda_index_past_the_last_device(monkeypatch):
+    """cuda:N exists only for N < device_count (indices start at 0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.device_problem("cuda:1") is None and D.device_problem("cuda") is None
+    assert "has 2 CUDA devices" in (D.device_problem("cuda:2") or ""), "cuda:2 on a 2-GPU machine must be refused"
+    assert "must be cpu or cuda" in D.device_problem("gpu")
+
+
+def test_an_output_path_that_is_a_broken_link_is_named(tmp_path):
+    """A dangling symlink as --out is refused up front, by name: mkdir would fail on it only after the models load."""
+    dangling = tmp_path / "run"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for is_file in (False, True):
+        assert "is a broken link" in (D.output_problem(dangling, "--out", is_file=is_file) or ""), is_file
+    assert not (tmp_path / "nowhere").exists()
 
 
 # ---- SDXL: two text encoders, size conditioning, candidates that run num_inner_step steps on their own ----
@@ -1687,7 +2014,18 @@ def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypat
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"
 
 
-# ---- several ranks: torchrun with gloo on the CPU ----
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_an_sdxl_vae_that_asks_for_upcast_runs_in_fp32(force_upcast, tmp_path):
+    folder = tmp_path / "sdxl"
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
+    path = folder / "vae" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), force_upcast=force_upcast)))
+    pipe = D.Pipeline(str(folder), dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert pipe.vae.dtype == (torch.float32 if force_upcast else torch.bfloat16)
+
+
+# ---- spo.py on several ranks: torchrun with gloo on the CPU ----
 
 DDP_RUN = """
 import os, sys
@@ -1950,6 +2288,27 @@ def test_scheduler_checkpoint_names_the_scheduler_only_for_its_own_errors(monkey
         sample.generate(pipe, ["a cat"], [0], 2, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
 
 
+def test_a_stochastic_checkpoint_scheduler_draws_each_images_noise_from_its_own_generator():
+    """Euler ancestral draws fresh noise at every step: as diffusers' pipeline with a generator per image, image i's
+    step noise comes from generator i, so an image is the same alone as in a batch."""
+    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
+
+    folder = str(D.tiny_pipeline_path("tiny"))
+    ref = DiffusionPipeline.from_pretrained(folder)
+    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    pipe = D.Pipeline(folder, ddim=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]
+    expected = ref(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+    ours = sample.generate(pipe, prompts, seeds, 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+    err = (ours.clamp(-1, 1) - expected).abs().max().item()
+    assert err < 1e-4, f"Euler ancestral images differ from diffusers' pipeline by {err:.2e}"
+    alone = sample.generate(pipe, prompts[1:], seeds[1:], 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
+    assert (alone - ours[1:]).abs().max() < 1e-5, "an image must not depend on the batch it is rendered in"
+
+
 # ---- LoRA files: every layout, applied or merged ----
 
 
@@ -2049,6 +2408,41 @@ def test_save_merged_folder_loads_in_diffusers_and_renders_like_base_plus_lora(t
     diff = (ours.clamp(-1, 1) - theirs).abs().max().item()
     assert diff < 1e-4, f"the merged pipeline renders {diff} away from base + LoRA"
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir()), "temporary folder left behind"
+
+
+def test_peft_alpha_pattern_matches_module_path_ends(tmp_path):
+    """PEFT's alpha_pattern applies to a module whose path ends in the pattern at a dot boundary, nowhere else."""
+    unet = base_unet()
+    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    peft = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+            for k, v in official.items()}
+    save_file(peft, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 4, "alpha_pattern": {"o_k": 3.0, "down_blocks.0": 2.0, "attn1.to_q": 8.0}}))
+    modules = sample.load_lora_modules(str(tmp_path), unet)
+    alphas = {n: a for n, (_, _, a) in modules.items()}
+    assert {a for n, a in alphas.items() if n.endswith(".attn1.to_q")} == {8.0}
+    assert {a for n, a in alphas.items() if not n.endswith(".attn1.to_q")} == {4.0}, (
+        "a pattern matched inside a path (down_blocks.0) or inside a name (o_k for to_k)")
+
+
+def test_a_webui_alpha_tensor_wins_over_a_declared_alpha(tmp_path):
+    unet = base_unet()
+    modules = {n: (d, u, 8.0) for n, (d, u, _) in sample.load_lora_modules(str(LORA), unet).items()}
+    D.save_lora_webui(modules, tmp_path / "w.safetensors", unet)
+    save_file(load_file(str(tmp_path / "w.safetensors")), tmp_path / "both.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4})})
+    assert {a for _, _, a in sample.load_lora_modules(str(tmp_path / "both.safetensors"), unet).values()} == {8.0}
+
+
+def test_peft_keys_with_the_adapter_name_load_like_plain_ones(tmp_path, lora_io):
+    unet = base_unet()
+    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
+    named = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.default.")
+             .replace(".lora.up.", ".lora_B.default."): v for k, v in official.items()}
+    save_file(named, tmp_path / "named.safetensors")
+    D.apply_lora(unet, sample.load_lora_modules(str(tmp_path / "named.safetensors"), unet))
+    torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4)
 
 
 # ---- SDXL LoRA ----
@@ -2361,6 +2755,53 @@ def test_png_text_round_trips_any_text(tmp_path):
     assert Image.open(tmp_path / "a.png").text == {k: str(v) for k, v in settings.items()}
 
 
+def test_compare_grid_shows_every_seed_of_the_first_16_prompts(tmp_path, monkeypatch):
+    """The grid has one row per prompt for the first GRID_ROWS (16) prompts, each with all --n seeds as base | LoRA
+    pairs in job order, and records the seeds it shows: seed .. seed + n - 1."""
+    from PIL import Image
+
+    prompts = [a for i in range(17) for a in ("--prompt", f"prompt {i}")]
+    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--compare", "--n", "2", "--seed", "5",
+                              "--out", str(tmp_path)] + prompts)
+    args.sampler_name = "DDIM"  # run() sets it from the loaded scheduler
+    jobs = sample.jobs_of(args)  # 17 prompts x 2 seeds
+    base = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(jobs))]
+    lora = [Image.new("RGB", (8, 8), (0, i, 0)) for i in range(len(jobs))]
+    seen = {}
+    grid = lambda tiles, captions, cols: seen.update(tiles=tiles, captions=captions, cols=cols) or tiles[0]
+    monkeypatch.setattr(sample, "captioned_grid", grid)
+    monkeypatch.setattr(sample, "save_png", lambda image, path, settings: seen.update(settings=settings))
+    sample.save_compare_grid(args, jobs, base, lora, tmp_path / "compare.png")
+    expected = [image for i in range(32) for image in (base[i], lora[i])]  # prompts 0-15, both seeds each
+    assert len(seen["tiles"]) == 64 and all(a is b for a, b in zip(seen["tiles"], expected)), (
+        f"the grid should show the 32 pairs of the first 16 prompts, base then LoRA, got {len(seen['tiles'])} tiles")
+    assert seen["cols"] == 2 and seen["captions"][-1] == "base | LoRA, seed 6: prompt 15", seen["captions"][-1]
+    assert seen["settings"]["seed"] == "5..6", f"the grid's seeds are 5 and 6, it says {seen['settings']['seed']}"
+
+
+def test_wilson_interval_solves_wilsons_equation_at_95_percent():
+    """Each end of the 95% Wilson interval is a root pi of (p - pi)^2 = z^2 pi (1 - pi) / n with z = 1.959964 (Wilson
+    1927), for fractional wins (ties count half) too; 0 and n wins give the exact ends 0 and 1."""
+    z = 1.959964
+    for wins, n in ((7, 10), (2.5, 4), (1, 3), (19.5, 20), (40, 100), (0, 5), (5, 5)):
+        p = wins / n
+        lo, hi = sample.wilson_interval(wins, n)
+        assert lo <= p <= hi and lo < hi, f"{wins}/{n}: [{lo}, {hi}] must contain {p}"
+        for end in (lo, hi):
+            gap = (p - end) ** 2 - z * z * end * (1 - end) / n
+            assert abs(gap) < 1e-12, f"{wins}/{n}: {end} is no end of the 95% Wilson interval [{lo}, {hi}]"
+    assert sample.wilson_interval(0, 5)[0] == 0.0 and sample.wilson_interval(5, 5)[1] == 1.0
+    lo, hi = sample.wilson_interval(7, 10)  # the textbook example: 7 of 10, 95% interval 0.3968 to 0.8922
+    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922), f"got [{lo}, {hi}]"
+
+
+def test_files_written_names_eval_json(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
+                              "--out", str(tmp_path)])
+    assert tmp_path / "eval.json" in sample.files_written(args)
+
+
 # ---- bad input: one line, exit 2, nothing written ----
 
 
@@ -2520,6 +2961,27 @@ def test_sample_cli_subprocess_reports_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", "--model", "tiny", "--prompt", "a cat", "--height", "33",
                              "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 2 and result.stderr.strip() == "error: --height must be a positive multiple of 8, got 33"
+
+
+def test_a_single_image_out_that_is_a_folder_is_refused(tmp_path, capsys):
+    """--out cat.png names one image: an existing folder of that name is refused before anything is drawn."""
+    folder = tmp_path / "cat.png"
+    folder.mkdir()
+    assert D.output_problem(folder, "--out", is_file=True) == f"--out {folder} is a folder, not a file"
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"error: --out {folder} is a folder, not a file", err
+    assert list(folder.iterdir()) == [], "a refused run must write nothing"
+
+
+def test_eval_takes_no_other_prompts(tmp_path):
+    """--eval reads its prompts from its file alone: --prompts (like --prompt) next to it is refused."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    for extra in (["--prompt", "a dog"], ["--prompts", str(tmp_path / "prompts.txt")]):
+        with pytest.raises(UserError, match="--eval takes its prompts from its file alone"):
+            sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
+                               "--out", str(tmp_path / "out")] + extra)
 
 
 # ---- training the step-aware preference model (preference_model.py train / eval) ----
@@ -3213,7 +3675,23 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, cap
     assert not out.exists()
 
 
-# ---- several ranks: torchrun with gloo on the CPU ----
+def test_each_epoch_reshuffles_the_row_groups_and_their_rows(dataset):
+    train = pm.row_groups(pm.find_shards(str(dataset), "train"))
+    in_order = stream_keys(pm.read_rows(train, 8, False), 512)
+    starts = list(itertools.accumulate([0] + [n for *_, n in train]))
+    group_of = {key: next(g for g in range(len(train)) if starts[g] <= i < starts[g + 1]) for i, key in enumerate(in_order)}
+    assert len(group_of) == 512 and len(train) > 2
+    stream = stream_keys(pm.read_rows(train, 8, False, seed=3), 1024)
+    epochs = stream[:512], stream[512:]
+    assert all(sorted(e) == sorted(in_order) for e in epochs), "an epoch must hold every pair once"
+    group_orders = [list(dict.fromkeys(group_of[k] for k in e)) for e in epochs]
+    assert group_orders[0] != group_orders[1], "both epochs read the row groups in one order"
+    rows_of = lambda e, g: [k for k in e if group_of[k] == g]
+    assert all(rows_of(epochs[0], g) != rows_of(epochs[1], g) for g in range(len(train)) if train[g][3] > 2), (
+        "a row group's rows come in the same order in both epochs")
+
+
+# ---- SPM training on several ranks: torchrun with gloo on the CPU ----
 
 def stream_keys(rows, n):
     """The first n pairs of a read_rows stream, as comparable keys."""
@@ -3235,26 +3713,46 @@ def test_ranks_split_the_stream_disjointly_and_resume_in_place(dataset):
 
 
 SPM_DDP_RUN = """
-import sys
+import json, os, sys
 sys.path.insert(0, {project!r})
 import torch
 torch.set_num_threads(1)
 import preference_model as pm
-train_command = pm.train_command
+real_train, real_pair, real_evaluate, phase, seeds = pm.train_command, pm.denoised_pair, pm.evaluate, ["train"], []
 
 
 def train_and_keep(args, rank, world):  # every rank's SPM at the end, to compare them
-    model = train_command(args, rank, world)
+    model = real_train(args, rank, world)
     pm.save_checkpoint(model, f"{{args.out}}.rank{{rank}}.safetensors")
     return model
 
 
-pm.train_command = train_and_keep
-sys.exit(pm.main(sys.argv[1:]))
+def denoised_pair(pipe, im0, im1, cond, uncond, t, generator, *rest):  # each noise draw's seed and pairs
+    seeds.append((phase[0], generator.initial_seed(), [round(x, 3) for x in im0.flatten(1).sum(1).tolist()]))
+    return real_pair(pipe, im0, im1, cond, uncond, t, generator, *rest)
+
+
+def evaluate(*args, **kwargs):
+    phase[0] = "eval"
+    try:
+        return real_evaluate(*args, **kwargs)
+    finally:
+        phase[0] = "train"
+
+
+pm.train_command, pm.denoised_pair, pm.evaluate = train_and_keep, denoised_pair, evaluate
+try:
+    code = pm.main(sys.argv[1:])
+finally:
+    with open(sys.argv[sys.argv.index("--out") + 1] + ".seeds." + os.environ.get("RANK", "0"), "w") as f:
+        json.dump(seeds, f)
+sys.exit(code)
 """
 
 
 def spm_torchrun(tmp_path, nproc, flags):
+    """preference_model.py under torchrun; each rank also saves its SPM (OUT.rankR.safetensors) and the seed and
+    pairs of each noise draw (OUT.seeds.R)."""
     script = tmp_path / "spm_ddp_run.py"
     script.write_text(SPM_DDP_RUN.format(project=str(Path(__file__).resolve().parent)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -3278,15 +3776,29 @@ def single_run(ddp_flags, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(ddp_flags, tmp_path_factory):
+    """The flags above on two ranks, uninterrupted: (its folder, what it printed)."""
+    tmp = tmp_path_factory.mktemp("spm_two_ranks")
+    printed = spm_torchrun(tmp, 2, [*ddp_flags, "--out", str(tmp / "run")])
+    return tmp / "run", printed
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(ddp_flags, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spm_one_rank")
+    spm_torchrun(tmp, 1, [*ddp_flags, "--out", str(tmp / "run")])
+    return tmp / "run"
+
+
 def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_train_to_identical_spms(ddp_flags, single_run, tmp_path):
+def test_two_ranks_train_to_identical_spms(two_rank_run, single_run):
     from safetensors.torch import load_file
 
-    out = tmp_path / "run"
-    printed = spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(out)])
+    out, printed = two_rank_run
     assert "4 pairs x 2 accumulation x 2 ranks = 16 pairs per update" in printed
     rank0, rank1, written = (load_file(p) for p in (f"{out}.rank0.safetensors", f"{out}.rank1.safetensors",
                                                    out / "spm.safetensors"))
@@ -3302,13 +3814,12 @@ def test_two_ranks_train_to_identical_spms(ddp_flags, single_run, tmp_path):
     assert json.loads((out / "checkpoints" / "step-3" / "progress.json").read_text())["world_size"] == 2
 
 
-def test_two_ranks_resume_where_they_stopped(ddp_flags, tmp_path):
+def test_two_ranks_resume_where_they_stopped(ddp_flags, two_rank_run, tmp_path):
     """--resume under torchrun passes over every rank's pairs (micro-batches x batch size x ranks), so a 2-rank run
     stopped after step 1 and resumed ends with the weights and losses of an uninterrupted one."""
     from safetensors.torch import load_file
 
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(full)])
+    full, cut = two_rank_run[0], tmp_path / "cut"
     spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(cut), "--max-steps", "1"])
     spm_torchrun(tmp_path, 2, [*ddp_flags, "--out", str(cut), "--resume"])
     a, b = (load_file(run / "spm.safetensors") for run in (full, cut))
@@ -3317,66 +3828,24 @@ def test_two_ranks_resume_where_they_stopped(ddp_flags, tmp_path):
     assert losses[0] == losses[1], losses
 
 
-SPM_SEEDS_RUN = """
-import json, os, sys
-sys.path.insert(0, {project!r})
-import torch
-torch.set_num_threads(1)
-import preference_model as pm
-real_pair, real_evaluate, phase, seeds = pm.denoised_pair, pm.evaluate, ["train"], []
-
-
-def denoised_pair(pipe, im0, im1, cond, uncond, t, generator, *rest):  # each noise draw's seed and pairs
-    seeds.append((phase[0], generator.initial_seed(), [round(x, 3) for x in im0.flatten(1).sum(1).tolist()]))
-    return real_pair(pipe, im0, im1, cond, uncond, t, generator, *rest)
-
-
-def evaluate(*args, **kwargs):
-    phase[0] = "eval"
-    try:
-        return real_evaluate(*args, **kwargs)
-    finally:
-        phase[0] = "train"
-
-
-pm.denoised_pair, pm.evaluate = denoised_pair, evaluate
-try:
-    code = pm.main(sys.argv[1:])
-finally:
-    with open(sys.argv[sys.argv.index("--out") + 1] + ".seeds." + os.environ.get("RANK", "0"), "w") as f:
-        json.dump(seeds, f)
-sys.exit(code)
-"""
-
-
-def test_ranks_draw_their_own_training_noise_and_each_validation_batchs_own(ddp_flags, tmp_path):
+def test_ranks_draw_their_own_training_noise_and_each_validation_batchs_own(two_rank_run, one_rank_run):
     """Under torchrun each rank's micro-batches draw their t and noise from their own seeds (ranks that shared them
     would noise their pairs alike), while validation batch b, the same pairs as in one process, gets batch b's
     noise whichever rank evaluates it: the same numbers as one process."""
-    script = tmp_path / "seeds.py"
-    script.write_text(SPM_SEEDS_RUN.format(project=str(Path(__file__).resolve().parent)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for nproc, out in ((2, tmp_path / "ranks"), (1, tmp_path / "one")):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc_per_node={nproc}", str(script), *ddp_flags, "--out", str(out)], env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    ranks = [s for r in (0, 1) for s in json.loads(Path(f"{tmp_path / 'ranks'}.seeds.{r}").read_text())]
-    one = json.loads(Path(f"{tmp_path / 'one'}.seeds.0").read_text())
+    ranks = [s for r in (0, 1) for s in json.loads(Path(f"{two_rank_run[0]}.seeds.{r}").read_text())]
+    one = json.loads(Path(f"{one_rank_run}.seeds.0").read_text())
     train = [seed for phase, seed, _ in ranks if phase == "train"]
     assert len(train) == 3 * 2 * 2 and len(set(train)) == len(train), f"ranks or micro-batches share seeds: {train}"
     evals = [sorted([seed, pairs] for phase, seed, pairs in run if phase == "eval") for run in (ranks, one)]
     assert evals[0] and evals[0] == evals[1], f"validation batches or their noise depend on the rank: {evals}"
 
 
-def test_world_size_1_under_torchrun_equals_the_single_process_run(ddp_flags, single_run, tmp_path):
+def test_world_size_1_under_torchrun_equals_the_single_process_run(one_rank_run, single_run):
     from safetensors.torch import load_file
 
-    out = tmp_path / "run"
-    spm_torchrun(tmp_path, 1, [*ddp_flags, "--out", str(out)])
-    single, world1 = (load_file(run / "spm.safetensors") for run in (single_run, out))
+    single, world1 = (load_file(run / "spm.safetensors") for run in (single_run, one_rank_run))
     assert all(torch.equal(single[k], world1[k]) for k in single), "world size 1 must train exactly as one process"
-    assert (out / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()
+    assert (one_rank_run / "metrics.jsonl").read_text() == (single_run / "metrics.jsonl").read_text()
 
 
 SPM_CLEAN_PAIRS_AT_T0 = """
@@ -3532,489 +4001,7 @@ def test_help_documents_every_setting_with_its_default(capsys):
     assert "candidates per pool (default: 4, sdxl: 2, tiny-sdxl: 2)" in text and "DPO temperature (default: 10.0)" in text
 
 
-# ---- more properties, each once left unguarded (a wrong implementation passed every test above) ----
-
-def test_peft_alpha_pattern_matches_module_path_ends(tmp_path):
-    """PEFT's alpha_pattern applies to a module whose path ends in the pattern at a dot boundary, nowhere else."""
-    unet = base_unet()
-    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
-    peft = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
-            for k, v in official.items()}
-    save_file(peft, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"r": 4, "lora_alpha": 4, "alpha_pattern": {"o_k": 3.0, "down_blocks.0": 2.0, "attn1.to_q": 8.0}}))
-    modules = sample.load_lora_modules(str(tmp_path), unet)
-    alphas = {n: a for n, (_, _, a) in modules.items()}
-    assert {a for n, a in alphas.items() if n.endswith(".attn1.to_q")} == {8.0}
-    assert {a for n, a in alphas.items() if not n.endswith(".attn1.to_q")} == {4.0}, (
-        "a pattern matched inside a path (down_blocks.0) or inside a name (o_k for to_k)")
-
-
-def test_a_webui_alpha_tensor_wins_over_a_declared_alpha(tmp_path):
-    unet = base_unet()
-    modules = {n: (d, u, 8.0) for n, (d, u, _) in sample.load_lora_modules(str(LORA), unet).items()}
-    D.save_lora_webui(modules, tmp_path / "w.safetensors", unet)
-    save_file(load_file(str(tmp_path / "w.safetensors")), tmp_path / "both.safetensors",
-              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4})})
-    assert {a for _, _, a in sample.load_lora_modules(str(tmp_path / "both.safetensors"), unet).values()} == {8.0}
-
-
-def test_peft_keys_with_the_adapter_name_load_like_plain_ones(tmp_path, lora_io):
-    unet = base_unet()
-    official = load_file(str(LORA / "pytorch_lora_weights.safetensors"))
-    named = {"base_model.model." + k.removeprefix("unet.").replace(".lora.down.", ".lora_A.default.")
-             .replace(".lora.up.", ".lora_B.default."): v for k, v in official.items()}
-    save_file(named, tmp_path / "named.safetensors")
-    D.apply_lora(unet, sample.load_lora_modules(str(tmp_path / "named.safetensors"), unet))
-    torch.testing.assert_close(unet_out(unet, lora_io), lora_io["out_lora"], rtol=0, atol=1e-4)
-
-
-def test_lora_disabled_switches_the_lora_back_on_after_an_exception(lora_unet):
-    unet, io = lora_unet
-    D.inject_lora(unet, 4, 4)
-    with pytest.raises(KeyError), D.lora_disabled(unet):
-        raise KeyError("a failure inside the reference forward")
-    assert all(layer.enabled for layer in D.lora_layers(unet)), "an exception left the LoRA switched off"
-
-
-def test_wilson_interval_solves_wilsons_equation_at_95_percent():
-    """Each end of the 95% Wilson interval is a root pi of (p - pi)^2 = z^2 pi (1 - pi) / n with z = 1.959964 (Wilson
-    1927), for fractional wins (ties count half) too; 0 and n wins give the exact ends 0 and 1."""
-    z = 1.959964
-    for wins, n in ((7, 10), (2.5, 4), (1, 3), (19.5, 20), (40, 100), (0, 5), (5, 5)):
-        p = wins / n
-        lo, hi = sample.wilson_interval(wins, n)
-        assert lo <= p <= hi and lo < hi, f"{wins}/{n}: [{lo}, {hi}] must contain {p}"
-        for end in (lo, hi):
-            gap = (p - end) ** 2 - z * z * end * (1 - end) / n
-            assert abs(gap) < 1e-12, f"{wins}/{n}: {end} is no end of the 95% Wilson interval [{lo}, {hi}]"
-    assert sample.wilson_interval(0, 5)[0] == 0.0 and sample.wilson_interval(5, 5)[1] == 1.0
-    lo, hi = sample.wilson_interval(7, 10)  # the textbook example: 7 of 10, 95% interval 0.3968 to 0.8922
-    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922), f"got [{lo}, {hi}]"
-
-
-def test_compare_grid_shows_every_seed_of_the_first_16_prompts(tmp_path, monkeypatch):
-    """The grid has one row per prompt for the first GRID_ROWS (16) prompts, each with all --n seeds as base | LoRA
-    pairs in job order, and records the seeds it shows: seed .. seed + n - 1."""
-    from PIL import Image
-
-    prompts = [a for i in range(17) for a in ("--prompt", f"prompt {i}")]
-    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--compare", "--n", "2", "--seed", "5",
-                              "--out", str(tmp_path)] + prompts)
-    args.sampler_name = "DDIM"  # run() sets it from the loaded scheduler
-    jobs = sample.jobs_of(args)  # 17 prompts x 2 seeds
-    base = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(len(jobs))]
-    lora = [Image.new("RGB", (8, 8), (0, i, 0)) for i in range(len(jobs))]
-    seen = {}
-    grid = lambda tiles, captions, cols: seen.update(tiles=tiles, captions=captions, cols=cols) or tiles[0]
-    monkeypatch.setattr(sample, "captioned_grid", grid)
-    monkeypatch.setattr(sample, "save_png", lambda image, path, settings: seen.update(settings=settings))
-    sample.save_compare_grid(args, jobs, base, lora, tmp_path / "compare.png")
-    expected = [image for i in range(32) for image in (base[i], lora[i])]  # prompts 0-15, both seeds each
-    assert len(seen["tiles"]) == 64 and all(a is b for a, b in zip(seen["tiles"], expected)), (
-        f"the grid should show the 32 pairs of the first 16 prompts, base then LoRA, got {len(seen['tiles'])} tiles")
-    assert seen["cols"] == 2 and seen["captions"][-1] == "base | LoRA, seed 6: prompt 15", seen["captions"][-1]
-    assert seen["settings"]["seed"] == "5..6", f"the grid's seeds are 5 and 6, it says {seen['settings']['seed']}"
-
-
-def test_a_stochastic_checkpoint_scheduler_draws_each_images_noise_from_its_own_generator():
-    """Euler ancestral draws fresh noise at every step: as diffusers' pipeline with a generator per image, image i's
-    step noise comes from generator i, so an image is the same alone as in a batch."""
-    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
-
-    folder = str(D.tiny_pipeline_path("tiny"))
-    ref = DiffusionPipeline.from_pretrained(folder)
-    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    pipe = D.Pipeline(folder, ddim=False)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]
-    expected = ref(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="pt",
-                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
-    ours = sample.generate(pipe, prompts, seeds, 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
-    err = (ours.clamp(-1, 1) - expected).abs().max().item()
-    assert err < 1e-4, f"Euler ancestral images differ from diffusers' pipeline by {err:.2e}"
-    alone = sample.generate(pipe, prompts[1:], seeds[1:], 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
-    assert (alone - ours[1:]).abs().max() < 1e-5, "an image must not depend on the batch it is rendered in"
-
-
-def test_a_single_image_out_that_is_a_folder_is_refused(tmp_path, capsys):
-    """--out cat.png names one image: an existing folder of that name is refused before anything is drawn."""
-    folder = tmp_path / "cat.png"
-    folder.mkdir()
-    assert D.output_problem(folder, "--out", is_file=True) == f"--out {folder} is a folder, not a file"
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(folder)])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err == f"error: --out {folder} is a folder, not a file", err
-    assert list(folder.iterdir()) == [], "a refused run must write nothing"
-
-
-def test_eval_takes_no_other_prompts(tmp_path):
-    """--eval reads its prompts from its file alone: --prompts (like --prompt) next to it is refused."""
-    (tmp_path / "prompts.txt").write_text("a cat\n")
-    for extra in (["--prompt", "a dog"], ["--prompts", str(tmp_path / "prompts.txt")]):
-        with pytest.raises(UserError, match="--eval takes its prompts from its file alone"):
-            sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
-                               "--out", str(tmp_path / "out")] + extra)
-
-
-@pytest.mark.parametrize("force_upcast", [True, False])
-def test_an_sdxl_vae_that_asks_for_upcast_runs_in_fp32(force_upcast, tmp_path):
-    folder = tmp_path / "sdxl"
-    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
-    path = folder / "vae" / "config.json"
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), force_upcast=force_upcast)))
-    pipe = D.Pipeline(str(folder), dtype=torch.bfloat16)
-    assert pipe.unet.dtype == torch.bfloat16
-    assert pipe.vae.dtype == (torch.float32 if force_upcast else torch.bfloat16)
-
-
-def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
-    saved = json.loads((out / "config.json").read_text())
-    for flag, value in (("--threshold", saved["threshold"] + 0.05), ("--lora-alpha", saved["lora_alpha"] * 2)):
-        with pytest.raises(SystemExit) as exit_info:
-            spo.main(FAST + ["--out", str(out), "--resume", flag, str(value)])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "these settings differ from the run" in err
-        assert flag[2:].replace("-", "_") in err, err
-
-
-def test_keep_keeps_the_newest_checkpoints(tiny_run, tmp_path):
-    out = tmp_path / "kept"
-    spo.main(FAST + ["--out", str(out), "--keep", "1"])
-    assert [d.name for d in spo.checkpoint_dirs(out)] == [spo.checkpoint_dirs(tiny_run)[-1].name]
-
-
-def test_overwrite_starts_the_run_afresh(tiny_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
-    spo.main(FAST[:-1] + ["1", "--out", str(out), "--overwrite"])
-    assert len(spo.checkpoint_dirs(out)) == 1, "the replaced run's checkpoints survived --overwrite"
-    assert {json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()} == {0}
-
-
-def test_cli_score_is_the_score_at_the_timestep_asked(capsys, png_files):
-    model = pm.load_preference_model("spm", "tiny", "tiny", "tiny")
-    with torch.no_grad():
-        scores = {t: model.score(pm.load_image(png_files[0]), model.tokenize(["a red cat"]), t).item() for t in (0, 500)}
-    assert f"{scores[0]:.4f}" != f"{scores[500]:.4f}", "pick images or t where the tiny SPM tells the steps apart"
-    assert pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], "--timestep", "500"]) == 0
-    assert capsys.readouterr().out.split("\t")[0] == f"{scores[500]:.4f}"
-
-
-def test_a_checkpoint_tensor_of_another_shape_is_named(tmp_path, spm_folders):
-    state = load_file(SPM_GOLDEN / "spm_official.safetensors")
-    state["model.t_embedder.mlp.0.weight"] = state["model.t_embedder.mlp.0.weight"][:, :-1].contiguous()
-    save_file(state, tmp_path / "reshaped.safetensors")
-    with pytest.raises(UserError, match=r"wrong shape 1 \(model.t_embedder.mlp.0.weight\)"):
-        pm.StepAwarePreferenceModel.from_pretrained(*spm_folders, checkpoint=str(tmp_path / "reshaped.safetensors"))
-
-
-def test_files_written_names_eval_json(tmp_path):
-    (tmp_path / "prompts.txt").write_text("a cat\n")
-    args = sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
-                              "--out", str(tmp_path)])
-    assert tmp_path / "eval.json" in sample.files_written(args)
-
-
 def test_decode_in_chunks_equals_one_batch():
     pipe = D.Pipeline("tiny")
     latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pipe.decode(latents, chunk=2), pipe.decode(latents, chunk=5), rtol=0, atol=1e-5)
-
-
-def test_resume_starts_from_the_newest_checkpoint(tiny_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
-    names = [d.name for d in spo.checkpoint_dirs(out)]
-    assert len(names) == 2 and names == sorted(names)
-    capsys.readouterr()
-    spo.main(FAST + ["--out", str(out), "--resume"])
-    assert f"from {names[-1]} " in capsys.readouterr().out
-
-
-def test_each_epoch_reshuffles_the_row_groups_and_their_rows(dataset):
-    train = pm.row_groups(pm.find_shards(str(dataset), "train"))
-    in_order = stream_keys(pm.read_rows(train, 8, False), 512)
-    starts = list(itertools.accumulate([0] + [n for *_, n in train]))
-    group_of = {key: next(g for g in range(len(train)) if starts[g] <= i < starts[g + 1]) for i, key in enumerate(in_order)}
-    assert len(group_of) == 512 and len(train) > 2
-    stream = stream_keys(pm.read_rows(train, 8, False, seed=3), 1024)
-    epochs = stream[:512], stream[512:]
-    assert all(sorted(e) == sorted(in_order) for e in epochs), "an epoch must hold every pair once"
-    group_orders = [list(dict.fromkeys(group_of[k] for k in e)) for e in epochs]
-    assert group_orders[0] != group_orders[1], "both epochs read the row groups in one order"
-    rows_of = lambda e, g: [k for k in e if group_of[k] == g]
-    assert all(rows_of(epochs[0], g) != rows_of(epochs[1], g) for g in range(len(train)) if train[g][3] > 2), (
-        "a row group's rows come in the same order in both epochs")
-
-
-def test_a_setting_missing_from_an_old_run_counts_as_its_default(tiny_run, tmp_path, capsys):
-    out = tmp_path / "old"
-    shutil.copytree(tiny_run, out)
-    config = json.loads((out / "config.json").read_text())
-    del config["num_inner_step"]
-    (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit) as exit_info:
-        spo.main(FAST + ["--out", str(out), "--resume", "--num-inner-step", str(spo.Config.num_inner_step + 1)])
-    assert exit_info.value.code == 2 and "num_inner_step" in capsys.readouterr().err
-
-
-# ---- mutation-audit additions: cheap direct checks of bookkeeping the end-to-end tests do not pin ----
-
-def test_a_pool_of_tied_scores_keeps_no_pair_even_at_threshold_0():
-    """tanh(0) = 0 is not > 0: a pool whose candidates all score alike has no preference, so even --threshold 0
-    must drop it (otherwise the winner and the loser would be the same candidate)."""
-    scores = torch.tensor([[1.0, 2.0], [1.0, 0.5], [1.0, 2.0]])  # prompt 0: a three-way tie; prompt 1: a clear one
-    win, lose, valid = spo.pick_win_lose(scores, 0.0)
-    assert valid.tolist() == [False, True], f"a tie must never pass the threshold, got valid={valid.tolist()}"
-    assert win[1].item() == 0 and lose[1].item() == 1
-
-
-def test_derived_seed_depends_on_the_run_seed_and_on_every_part():
-    """--seed must change every derived generator: two runs with different seeds draw different noise."""
-    a, b = spo.Config(seed=1), spo.Config(seed=2)
-    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(b, "sample", 0, 0, 0), "--seed is ignored"
-    assert spo.derived_seed(a, "sample", 0, 0, 0) != spo.derived_seed(a, "sample", 0, 1, 0)
-    assert 0 <= spo.derived_seed(a, "order", 3) < 2**63, "a seed must fit torch.Generator.manual_seed"
-
-
-def test_the_math_and_model_settings_cannot_change_on_resume():
-    """A resumed run may change only where and how it runs, never what it computes."""
-    fixed = {"model", "k", "beta", "eps", "threshold", "steps", "divert_start_step", "num_inner_step", "eta", "cfg",
-             "lr", "weight_decay", "lora_rank", "lora_alpha", "seed", "sample_batch_size", "train_batch_size",
-             "grad_accum", "resolution", "max_grad_norm"}
-    fixed &= {f.name for f in dataclasses.fields(spo.Config)}
-    assert not fixed & set(spo.CHANGEABLE_ON_RESUME), f"changeable on resume: {sorted(fixed & set(spo.CHANGEABLE_ON_RESUME))}"
-
-
-def test_a_checkpoint_position_must_be_three_non_negative_integers(tmp_path):
-    """progress.json is validated before anything loads: a negative or short position is a UserError."""
-    for position in ([-1, 0, 0], [0, 0], [0, 0, 1.5]):
-        (tmp_path / "progress.json").write_text(json.dumps(dict(position=position, global_step=0, prompts_sha256="x")))
-        with pytest.raises(UserError, match="lacks a valid position"):
-            spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
-    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 0, 0], global_step=-1, prompts_sha256="x")))
-    with pytest.raises(UserError, match="lacks a valid position"):
-        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
-
-
-def test_device_problem_names_a_cuda_index_past_the_last_device(monkeypatch):
-    """cuda:N exists only for N < device_count (indices start at 0)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert D.device_problem("cuda:1") is None and D.device_problem("cuda") is None
-    assert "has 2 CUDA devices" in (D.device_problem("cuda:2") or ""), "cuda:2 on a 2-GPU machine must be refused"
-    assert "must be cpu or cuda" in D.device_problem("gpu")
-
-
-def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
-    """Only the last line can be cut short by a kill; a damaged line before it is a UserError, never silently
-    the end of the records."""
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert [r["step"] for r in D.read_metrics(path)] == [1, 2]
-    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(UserError, match="line 2 is not a metrics record"):
-        D.read_metrics(path)
-    assert D.read_metrics(tmp_path / "absent.jsonl") == []
-
-
-def test_a_json_prompt_file_may_start_with_whitespace(tmp_path):
-    """Leading blank lines or spaces do not turn a JSON prompt file into one prompt per line."""
-    path = tmp_path / "prompts.json"
-    path.write_text('\n  [{"caption": "a cat"},\n "a dog"]\n')
-    assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
-
-
-def test_stop_signal_sets_a_flag_a_second_ctrl_c_interrupts_and_exit_restores_handlers():
-    """The first SIGTERM/SIGINT only sets the flag; a second SIGINT raises KeyboardInterrupt (a second SIGTERM does
-    not); leaving the block puts the previous handlers back."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with D.StopSignal() as stop:
-        assert stop.signum is None
-        try:
-            stop.handle(signal.SIGINT, None)  # the loop finishes its step and checkpoints
-        except KeyboardInterrupt:
-            pytest.fail("the first SIGINT must only set the flag, not interrupt")
-        assert stop.signum == signal.SIGINT
-    with D.StopSignal() as stop:
-        stop.handle(signal.SIGTERM, None)
-        stop.handle(signal.SIGTERM, None)  # a cluster's repeated SIGTERM is not a Ctrl-C
-        assert stop.signum == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            stop.handle(signal.SIGINT, None)
-    assert {s: signal.getsignal(s) for s in before} == before, "StopSignal must restore the previous handlers"
-
-
-def test_the_validation_grid_has_a_column_per_seed_and_a_row_per_prompt(tmp_path):
-    """One tile per (prompt, seed): seeds across, prompts down."""
-    from PIL import Image
-
-    cfg = spo.parse_args(FAST + ["--validation-prompts", "a cat", "--validation-seeds", "0", "1", "2"])
-    spo.save_validation_grid(D.Pipeline("tiny"), cfg, tmp_path / "grid.png")
-    assert Image.open(tmp_path / "grid.png").size == (3 * 16, 1 * 16), "expected 3 columns (seeds) by 1 row (prompt)"
-
-
-def test_a_finite_loss_with_a_non_finite_gradient_skips_the_update():
-    """The skip follows the gradient's norm, not only the loss: an inf gradient behind a finite loss must leave the
-    LoRA and the optimizer untouched, and the record says why."""
-    cfg = spo.parse_args(FAST)
-    m = spo.setup_models(cfg, scorer=RuleScorer())
-    gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(2, 4, 2, 2, generator=gen)
-    pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501]), win=torch.randn(2, 4, 2, 2, generator=gen),
-                 lose=torch.randn(2, 4, 2, 2, generator=gen),
-                 text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
-    hook = m.lora_params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
-    before = [p.detach().clone() for p in m.lora_params]
-    record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)), m.lora_params,
-                                   m.optimizer, m.scaler, m.autocast, cfg, 1, [])
-    hook.remove()
-    assert math.isfinite(record["loss"]) and not math.isfinite(record["grad_norm"])
-    assert record.get("skipped") == "non-finite gradient", record
-    assert all(torch.equal(p, b) for p, b in zip(m.lora_params, before)), "a non-finite gradient must not update"
-    assert not m.optimizer.state, "a skipped update must not touch the optimizer's state"
-
-
-def test_an_updates_logged_loss_and_ratios_are_the_mean_over_its_micro_batches(monkeypatch):
-    """With --grad-accum 2 the record of an update averages the loss and the ratios of both micro-batches (not the
-    last one's), and counts the pairs of both."""
-    cfg = spo.parse_args(FAST + ["--grad-accum", "2"])
-    m = spo.setup_models(cfg, scorer=RuleScorer())
-    real, offsets = spo.spo_loss, iter([1.0, 3.0])
-
-    def shifted(*args):  # the same gradient, a known loss and ratio per micro-batch
-        loss, ratio_w, ratio_l = real(*args)
-        shift = next(offsets)
-        return loss + shift, ratio_w * shift, ratio_l
-
-    monkeypatch.setattr(spo, "spo_loss", shifted)
-    gen = torch.Generator().manual_seed(0)
-    text = m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"]
-    group, records = [], []
-    for n in (2, 1):
-        x_t = torch.randn(n, 4, 2, 2, generator=gen)
-        pairs = dict(x_t=x_t, x_t_lose=x_t, t=torch.tensor([901, 501][:n]), win=torch.randn(n, 4, 2, 2, generator=gen),
-                     lose=torch.randn(n, 4, 2, 2, generator=gen), text=text[:n])
-        records.append(spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
-                                             m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1, group))
-    record = records[1]
-    assert records[0] is None and record is not None
-    # at the LoRA's zero init the policy is the reference: loss log 2 and ratios 1 before the shifts
-    assert record["loss"] == pytest.approx(math.log(2) + 2.0, rel=1e-5), f"loss not averaged over the group: {record}"
-    assert record["ratio_win"] == pytest.approx(2.0, rel=1e-5) and record["ratio_lose"] == pytest.approx(1.0, rel=1e-5)
-    assert record["pairs"] == 3, "pairs counts every micro-batch of the group"
-
-
-def test_an_output_path_that_is_a_broken_link_is_named(tmp_path):
-    """A dangling symlink as --out is refused up front, by name: mkdir would fail on it only after the models load."""
-    dangling = tmp_path / "run"
-    dangling.symlink_to(tmp_path / "nowhere")
-    for is_file in (False, True):
-        assert "is a broken link" in (D.output_problem(dangling, "--out", is_file=is_file) or ""), is_file
-    assert not (tmp_path / "nowhere").exists()
-
-
-def test_is_spo_run_needs_all_of_spo_settings_in_a_json_object(tmp_path):
-    """--overwrite deletes only a spo.py run: a config.json with just some of its keys (another tool's config) or a
-    non-object, or none at all, is not one."""
-    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(spo.Config())))
-    assert spo.is_spo_run(tmp_path)
-    for other in ({"beta": 0.1, "eps": 1e-8, "k": 4}, ["divert_start_step", "k", "beta", "eps", "threshold"], "x"):
-        (tmp_path / "config.json").write_text(json.dumps(other))
-        assert not spo.is_spo_run(tmp_path), f"{other!r} taken for a spo.py run"
-    (tmp_path / "config.json").write_text("{bad")
-    assert not spo.is_spo_run(tmp_path) and not spo.is_spo_run(tmp_path / "absent")
-
-
-def test_cleanup_of_an_unstarted_run_spares_a_run_with_a_checkpoint(tmp_path):
-    """remove_unstarted_run removes only what a fresh run wrote before its first checkpoint: once a checkpoint
-    exists the run is resumable and stays; before that, a folder the run made goes, and a folder it found empty is
-    emptied but kept."""
-    out = tmp_path / "run"
-    (out / "checkpoints" / "epoch-0001_batch-000000_pair-00000").mkdir(parents=True)
-    (out / "config.json").write_text("{}")
-    D.remove_unstarted_run(out, created=True)
-    assert (out / "config.json").is_file(), "a run with a checkpoint must never be removed"
-    shutil.rmtree(out / "checkpoints")
-    (out / "checkpoints").mkdir()  # made, but still empty: nothing to resume from
-    D.remove_unstarted_run(out, created=False)
-    assert out.is_dir() and not any(out.iterdir()), "a folder the user made is emptied, not removed"
-    (out / "config.json").write_text("{}")
-    D.remove_unstarted_run(out, created=True)
-    assert not out.exists(), "a folder the run made is removed"
-
-
-def test_cleanup_of_an_unstarted_run_behind_a_link_keeps_the_link(tmp_path):
-    """--out given as a link to a folder: cleaning up a failed fresh run removes the files the run wrote behind the
-    link, never the link itself (even if the run believed it made the folder)."""
-    target, link = tmp_path / "target", tmp_path / "run"
-    target.mkdir()
-    link.symlink_to(target)
-    (link / "config.json").write_text("{}")
-    (link / "samples").mkdir()
-    D.remove_unstarted_run(link, created=True)
-    assert link.is_symlink() and target.is_dir(), "the link must stay"
-    assert not any(target.iterdir()), "the run's files behind the link must go"
-
-
-def test_remove_unfinished_clears_crash_leftovers_of_both_namings_only(tmp_path):
-    """A crash mid-save leaves ".NAME.tmp" (atomic_folder) or "NAME.tmp" (older versions): both go; finished
-    checkpoints and files that only end in .tmp stay."""
-    done = tmp_path / "epoch-0001_batch-000000_pair-00000"
-    for name in (done.name, ".epoch-0002_batch-000000_pair-00000.tmp", "epoch-0002_batch-000000_pair-00000.tmp"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "notes.tmp").write_text("the user's")
-    D.remove_unfinished(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [done.name, "notes.tmp"], sorted(tmp_path.iterdir())
-
-
-def test_pending_pairs_without_every_tensor_resume_needs_are_refused(tmp_path, monkeypatch):
-    """A mid-batch checkpoint's pending_pairs.safetensors must hold the pairs and their shuffle ("perm"): one
-    without them (an older version's) is a UserError naming the file, not a KeyError deep in the loop."""
-    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the pairs file is under test
-    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
-    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 2], global_step=1, prompts_sha256="x")))
-    pairs = {k: torch.zeros(2, 1) for k in ("x_t", "x_t_lose", "t", "win", "lose", "text")}
-    save_file(pairs, tmp_path / "pending_pairs.safetensors")
-    with pytest.raises(UserError, match="pending_pairs.safetensors lacks some of the pairs' tensors"):
-        spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
-    save_file({**pairs, "perm": torch.arange(2)}, tmp_path / "pending_pairs.safetensors")
-    progress, pending = spo.load_checkpoint(tmp_path, None, None, None, "cpu", [])
-    assert progress["position"] == [0, 1, 2] and torch.equal(pending["perm"], torch.arange(2))
-
-
-def test_group_gradients_that_do_not_match_the_lora_are_refused(tmp_path, monkeypatch):
-    """An unfinished accumulation group's saved gradients must be one per LoRA tensor: another count is a
-    UserError naming the file; a matching file puts each gradient back on its tensor."""
-    monkeypatch.setattr(spo, "load_lora", lambda unet, path: None)  # only the gradients file is under test
-    monkeypatch.setattr(spo, "load_optimizer_state", lambda *args: None)
-    (tmp_path / "progress.json").write_text(json.dumps(dict(position=[0, 1, 0], global_step=0, prompts_sha256="x",
-                                                            group=[[0.7, 1.0, 1.0, 2]])))
-    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
-    save_file({"0": torch.ones(2)}, tmp_path / "group_grads.safetensors")
-    with pytest.raises(UserError, match="group_grads.safetensors does not match the LoRA's 2 tensors"):
-        spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
-    save_file({"0": torch.ones(2), "1": torch.full((3,), 2.0)}, tmp_path / "group_grads.safetensors")
-    spo.load_checkpoint(tmp_path, None, None, None, "cpu", params)
-    assert torch.equal(params[1].grad, torch.full((3,), 2.0)), "each saved gradient goes back on its own tensor"
-
-
-def test_a_resume_from_mid_epoch_trains_every_batch_of_the_later_epochs(tiny_run, tmp_path):
-    """Resuming from a checkpoint at (epoch 0, batch 1) goes on at epoch 0's batch 1, and epoch 1 starts at its
-    batch 0 again (not at batch 1), so the run ends exactly as the uninterrupted one."""
-    out = tmp_path / "mid"
-    spo.main(FAST + ["--out", str(out), "--save-every", "1"])
-    names = [d.name for d in spo.checkpoint_dirs(out)]
-    assert names[0] == "epoch-0000_batch-000001_pair-00000", names
-    for d in spo.checkpoint_dirs(out)[1:]:  # as if the run died right after its first checkpoint
-        shutil.rmtree(d)
-    (out / "pytorch_lora_weights.safetensors").unlink()
-    spo.main(FAST + ["--out", str(out), "--resume", "--save-every", "1"])
-    assert_same_run(tiny_run, out)
-    assert {(r["epoch"], r["batch"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())} == {
-        (e, b) for e in (0, 1) for b in (0, 1)}, "every batch of every epoch must train"

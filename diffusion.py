@@ -253,7 +253,7 @@ def resolve_lora(spec, flag):
         if len(found) == 1 or (found and found[0].name in LORA_FILES):
             return found[0]
         raise UserError(f"{flag}: {spec} holds no single LoRA file ({', '.join(LORA_FILES)} or one .safetensors)")
-    if not path.exists() and (spec.startswith(("/", ".", "~")) or path.parent.exists()):  # runs/sd15x: a typo
+    if missing_local_path(spec):
         raise UserError(f"{flag}: no such file or folder: {spec}")
     return Path(resolve_file(spec if path.is_file() or spec.count("/") > 1 else f"{spec}/{LORA_FILES[0]}", flag))
 
@@ -262,6 +262,7 @@ LORA_KEY_PARTS = [(".lora.down.weight", "down"), (".lora.up.weight", "up"),  # o
                   (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT
                   (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # PEFT, adapter name kept
                   (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")]  # webui / kohya
+LORA_DOWN_KEYS = tuple(suffix for suffix, part in LORA_KEY_PARTS if part == "down")
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
 # What only SDXL has: its second text encoder, its added embedding of the pooled prompt and the image size
 # (diffusers' add_embedding, SGM's label_emb), its 2048-wide text context (the in-features of attn2.to_k/to_v).
@@ -538,13 +539,20 @@ def offline_if_hub_unreachable(name):
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+def missing_local_path(spec):
+    """Whether `spec` names a local file or folder that is not there, rather than something on the hub: it starts
+    with /, . or ~, or its parent folder exists (runs/sd15x: a typo). expanduser: a quoted '~/...' reaches us as is."""
+    path = os.path.expanduser(spec)  # os.path: no error on an unknown ~user or an overlong name
+    parent = os.path.dirname(path) or "."
+    return not os.path.exists(path) and (str(spec).startswith(("/", ".", "~")) or os.path.exists(parent))
+
+
 def resolve_file(spec, flag):
     """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
-    if Path(spec).expanduser().is_file():  # expanduser: a quoted '~/...' reaches us as it is
+    if Path(spec).expanduser().is_file():
         return str(Path(spec).expanduser())
     parts = str(spec).split("/")
-    looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).parent.exists()
-    if looks_local or len(parts) < 3:
+    if Path(spec).expanduser().exists() or missing_local_path(spec) or len(parts) < 3:  # a folder is no file
         raise UserError(f"{flag}: no such file: {spec}")
     from huggingface_hub import hf_hub_download
     offline_if_hub_unreachable(spec)
@@ -1047,6 +1055,20 @@ def read_prompts(path, flag):
 # ----------------------------------------------------------------------------------------------
 # Files: safetensors everywhere, written atomically, errors reported by path.
 
+UMASK = os.umask(0o022)  # reading the umask means setting it: once, at import, and put back at once
+os.umask(UMASK)
+
+
+def readable_like_any_file(*paths):
+    """Give files the mode that open() would (0666 less the umask): safetensors 0.8's save_file makes its files
+    0600, so a LoRA or checkpoint on a shared cluster would be unreadable to everyone else."""
+    for path in paths:
+        try:
+            os.chmod(path, 0o666 & ~UMASK)
+        except OSError:  # a filesystem without Unix modes (FAT) refuses chmod: the file is still good
+            pass
+
+
 def atomic_write(path, write):
     """write(tmp_path) then rename into place: a crash mid-write never leaves a half file at `path`."""
     path = Path(path)
@@ -1054,6 +1076,7 @@ def atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        readable_like_any_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1069,6 +1092,7 @@ def atomic_folder(final):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        readable_like_any_file(*(f for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     finally:

@@ -730,9 +730,8 @@ def evaluate(model, pipe, units, args, autocast, rank=0, world=1, labeller=None)
 
 
 def print_accuracy(accuracy, count, title):
-    print(f"{title}: accuracy on {count} validation pairs\n     t  accuracy")
-    for t, acc in accuracy.items():
-        print(f"{t:6d}  {acc:8.3f}")
+    lines = [f"{title}: accuracy on {count} validation pairs", "     t  accuracy"]
+    tqdm.write("\n".join(lines + [f"{t:6d}  {acc:8.3f}" for t, acc in accuracy.items()]))  # above the progress bar
 
 
 def precision_setup(args, world=1):
@@ -776,6 +775,9 @@ def train_command(args, rank=0, world=1):
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "max_steps", "eval_every", "device")}
     if args.resume:
         saved = read_json(out / "config.json", "--resume")
+        if saved.get("command") != "train":
+            raise UserError(f"--resume: {out} is not a preference_model.py train run (its config.json holds other "
+                            "settings)")
         changed = [k for k in settings if k != "out" and saved.get(k) != settings[k]]  # the folder may have moved
         if changed:
             raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
@@ -853,20 +855,20 @@ def train_command(args, rank=0, world=1):
                      rank=rank, world=world, labeller=labeller)
     data = in_lockstep(batches(rows, args.batch_size, device), world)
     bad_steps = 0
-    with StopSignal() as stop:
+    # The bar closes on the way out, so that an error starts on a line of its own (reports go above it: tqdm.write).
+    progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
+    with StopSignal() as stop, progress_bar:
         if step == 0:
             evaluate_and_log()  # the starting point, as the reference's eval_on_start
         elif progress.get("evaluate") and not evaluated(step):
             evaluate_and_log()  # the run stopped during the evaluation that follows its checkpoint
-        progress_bar = tqdm(desc="step", initial=step, total=args.max_steps, disable=not main_rank)
         while step < args.max_steps:
             # A signal to any rank stops all of them before the same step (one all-reduce per step).
             if any(all_ranks_sum([stop.signum is not None], world)):
                 if main_rank:
                     checkpoint()
-                    print(f"stopped by a signal: checkpoint {out / 'checkpoints' / f'step-{step}'}; continue with the "
-                          f"same command plus --resume")
-                progress_bar.close()
+                    tqdm.write(f"stopped by a signal: checkpoint {out / 'checkpoints' / f'step-{step}'}; continue with "
+                               f"the same command plus --resume")
                 return None
             lr = args.lr * lr_factor(step, args.warmup_steps, args.max_steps)
             for group in optimizer.param_groups:
@@ -912,7 +914,6 @@ def train_command(args, rank=0, world=1):
                 if main_rank:  # first, as the evaluation can outlast a preemption's grace period at SD1.5 size
                     checkpoint(evaluate_next=True)
                 evaluate_and_log()
-        progress_bar.close()
     if main_rank:
         save_checkpoint(model, out / "spm.safetensors")
         print(f"SPM written to {out / 'spm.safetensors'} (use it with spo.py --preference-checkpoint)")
@@ -938,14 +939,18 @@ def per_model(key):
     return " (default: " + ", ".join(f"{m} {d[key]}" for m, d in TRAIN_DEFAULTS.items()) + ")"
 
 
-def load_image(path):
-    """A PNG/JPEG file -> (1, 3, H, W) in [-1, 1], the range the decoder produces."""
+def load_image(path, decode=True):
+    """A PNG/JPEG file -> (1, 3, H, W) in [-1, 1], the range the decoder produces. decode=False only opens it (its
+    header) and returns None."""
     from PIL import Image
 
     if not Path(path).is_file():
         raise UserError(f"--image: no such file: {path}")
     try:
         image = Image.open(path)
+        if not decode:
+            image.close()
+            return None
         image.load()
     except Exception as err:
         raise UserError(f"--image: cannot read {path}: {first_line(err)}") from None
@@ -958,6 +963,8 @@ def score_command(args):
         raise UserError(f"--timestep must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {args.timestep}")
     if problem := device_problem(args.device):
         raise UserError(problem)
+    for path in args.image:  # a bad file is named before the model loads; each is decoded when it is scored
+        load_image(path, decode=False)
     preset = PRESETS[args.model]
     model = load_preference_model(
         args.kind, args.base or preset["spm_base"], args.processor or preset["spm_processor"],

@@ -37,12 +37,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
-                       UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
-                       ddim_step, ddim_timesteps, device_problem, finite_float, holds_files, inject_lora, load_lora,
-                       lora_layers, load_optimizer_state, load_safetensors, lora_disabled, output_problem,
-                       predict_noise, read_json, read_metrics, read_prompts, remove_unfinished, remove_unstarted_run,
-                       resolve_lora, save_grid, save_lora, setup_distributed, take)
+from diffusion import (DTYPES, LORA_DOWN_KEYS, MAX_SEED, PRESETS, TEXT_ENCODER_PREFIXES, TINY_MODELS, ArgumentParser,
+                       Pipeline, StopSignal, TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write,
+                       check_text, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float,
+                       first_line, holds_files, inject_lora, load_lora, lora_layers, load_optimizer_state,
+                       load_safetensors, lora_disabled, output_problem, predict_noise, read_json, read_metrics,
+                       read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora,
+                       setup_distributed, take)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -695,7 +696,7 @@ def benchmark(cfg):
     uncond_1 = pipe.encode_negative(1, pixels)
     prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
     memory, flops, group = {}, 0, []
-    for batch in range(1 + cfg.benchmark):
+    for batch in tqdm(range(1 + cfg.benchmark), desc="prompt batches (the first warms up)"):  # minutes on a CPU
         if batch == 1:  # the warm-up is over: count from here
             timer.seconds, timer.items = {}, {}
         counter = FlopCounterMode(display=False) if batch == 0 else contextlib.nullcontext()
@@ -840,11 +841,21 @@ def validate(cfg):
     ]
     problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(cfg.device)] if p]
     if cfg.prompts and not Path(cfg.prompts).is_file():
-        problems.append(f"--prompts: no such file: {cfg.prompts}")
-    try:  # a file, a run folder or a hub repo (downloaded here, once)
-        if cfg.init_lora:
-            resolve_lora(cfg.init_lora, "--init-lora")
-    except UserError as err:
+        problems.append(f"--prompts: {cfg.prompts} is a folder, not a prompt file" if Path(cfg.prompts).is_dir()
+                        else f"--prompts: no such file: {cfg.prompts}")
+    paths = [("--pretrained", cfg.pretrained), ("--vae", cfg.vae), ("--preference-model", cfg.preference_model),
+             ("--preference-processor", cfg.preference_processor),
+             ("--preference-checkpoint", cfg.preference_checkpoint)]
+    # A path that can only be local (/, ., ~) must exist. "owner/repo" is tried on the hub when the models load, even
+    # where a folder "owner" exists here; --random-init builds the models and reads none of these.
+    for flag, spec in paths:
+        only_local = spec and spec.startswith(("/", ".", "~"))
+        if only_local and not cfg.random_init and not os.path.exists(os.path.expanduser(spec)):
+            problems.append(f"{flag}: no such file or folder: {spec}")
+    try:
+        if cfg.init_lora and (problem := init_lora_problem(cfg)):
+            problems.append(problem)
+    except UserError as err:  # resolve_lora's, which names the flag
         problems.append(str(err))
     if cfg.benchmark:  # writes nothing
         return problems
@@ -853,6 +864,12 @@ def validate(cfg):
         return problems + [problem]
     if cfg.resume and not (out / "config.json").is_file():
         problems.append(f"--resume: {out} holds no run to resume (no config.json)")
+    elif cfg.resume and not is_spo_run(out):
+        try:
+            read_json(out / "config.json", "--resume")  # names a damaged file; an intact one is another program's
+            problems.append(f"--resume: {out} is not a spo.py run (its config.json holds no spo.py settings)")
+        except UserError as err:
+            problems.append(str(err))
     if not cfg.resume and out.is_dir() and holds_files(out):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
@@ -862,6 +879,27 @@ def validate(cfg):
             problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
                             "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
     return problems
+
+
+def init_lora_problem(cfg):
+    """--init-lora: a file, a run folder or a hub repo (downloaded here, once) whose UNet LoRA has this run's rank,
+    read from the file's header alone. Which layers it fits, and its alpha, are checked once the UNet has loaded."""
+    from safetensors import safe_open
+
+    path = resolve_lora(cfg.init_lora, "--init-lora")
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as err:
+        return f"--init-lora {cfg.init_lora}: {path} is not a readable safetensors file ({first_line(err)})"
+    ranks = {shape[0] for key, shape in shapes.items()
+             if key.endswith(LORA_DOWN_KEYS) and not key.startswith(TEXT_ENCODER_PREFIXES)}
+    if not ranks:
+        return f"--init-lora {cfg.init_lora} holds no UNet LoRA weights (no lora.down, lora_A or lora_down keys)"
+    if ranks != {cfg.lora_rank}:
+        return (f"--init-lora {cfg.init_lora} has LoRA rank {', '.join(map(str, sorted(ranks)))}, this run uses "
+                f"--lora-rank {cfg.lora_rank}")
+    return None
 
 
 def is_spo_run(folder):

@@ -264,6 +264,13 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, tiny_spm, png_files, extra,
     assert len(err) == 1 and message in err[0], f"expected one error line about {message!r}, got {err}"
 
 
+def test_cli_names_a_missing_image_before_it_loads_the_model_or_prints_a_score(capsys, png_files, monkeypatch):
+    monkeypatch.setattr(pm, "load_preference_model", lambda *a, **k: pytest.fail("the model loaded before the images"))
+    code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], "--image", "nope.png"])
+    printed = capsys.readouterr()
+    assert code == 2 and printed.out == "" and printed.err.strip() == "error: --image: no such file: nope.png"
+
+
 def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path, monkeypatch):
     """A processor cropping to another size than the CLIP takes is refused when loaded (it failed at the first
     image, deep inside CLIP); a quoted '~/...' folder loads as a folder, not as a hub id."""
@@ -795,7 +802,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--divert-start-step", "6"], "--divert-start-step must be in [0, --steps)"),
     (["--no-pool-at-last-step", "--divert-start-step", "5"], "the last step cannot start a pool"),
     (["--num-inner-step", "-1"], "--num-inner-step must be >= 0"),
-    (["--vae", "/nonexistent/vae"], "cannot load the VAE from '/nonexistent/vae'"),
+    (["--vae", "/nonexistent/vae"], "--vae: no such file or folder: /nonexistent/vae"),
     (["--resolution", "30"], "multiple of 8"),
     (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1"),
     (["--eta", "0"], "--eta must be in (0, 1]"),
@@ -805,9 +812,9 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--prompts", "/nonexistent/prompts.json"], "no such file"),
     (["--init-lora", "/nonexistent/lora.safetensors"], "no such file"),
     (["--resume"], "no run to resume"),
-    (["--pretrained", "/nonexistent/sd"], "cannot load"),
+    (["--pretrained", "/nonexistent/sd"], "--pretrained: no such file or folder: /nonexistent/sd"),
     (["--preference-checkpoint", "/nonexistent/spm.bin"], "--preference-checkpoint: no such file"),
-    (["--preference-model", "/nonexistent/clip"], "--preference-model: no such folder"),
+    (["--preference-model", "/nonexistent/clip"], "--preference-model: no such file or folder"),
     (["--grad-accum", "0"], "--grad-accum must be >= 1"),
     (["--save-every", "-1"], "--save-every and --keep must be >= 0"),
     (["--keep", "-1"], "--save-every and --keep must be >= 0"),
@@ -1278,6 +1285,21 @@ def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
         assert flag[2:].replace("-", "_") in err, err
 
 
+def test_resume_says_when_the_folder_holds_another_programs_run(tiny_run, dataset, tmp_path, capsys):
+    """--resume on an SPM run (or an SPM --resume on a spo.py run) listed every setting as changed."""
+    spm_run, spo_run = tmp_path / "spm", tmp_path / "spo"
+    spm_run.mkdir()
+    (spm_run / "config.json").write_text(json.dumps({"command": "train", "lr": 3e-6}))
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(spm_run), "--resume"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: --resume: {spm_run} is not a spo.py run (its config.json holds no spo.py settings)")
+    shutil.copytree(tiny_run, spo_run)
+    assert pm.main(["train", "--model", "tiny", "--data", str(dataset), "--out", str(spo_run), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume: {spo_run} is not a preference_model.py train run (its config.json holds other settings)")
+
+
 def test_the_math_and_model_settings_cannot_change_on_resume():
     """A resumed run may change only where and how it runs, never what it computes."""
     fixed = {"model", "k", "beta", "eps", "threshold", "steps", "divert_start_step", "num_inner_step", "eta", "cfg",
@@ -1503,6 +1525,21 @@ def test_an_output_path_that_is_a_broken_link_is_named(tmp_path):
     for is_file in (False, True):
         assert "is a broken link" in (D.output_problem(dangling, "--out", is_file=is_file) or ""), is_file
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_written_files_get_the_mode_the_umask_gives_any_file(tiny_run, tmp_path):
+    """safetensors' save_file makes 0600 files: a LoRA on a shared cluster that nobody else could read."""
+    umask = os.umask(0o022)
+    try:
+        D.atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, tmp))
+        with D.atomic_folder(tmp_path / "folder") as tmp:
+            save_file({"x": torch.zeros(1)}, tmp / "b.safetensors")
+    finally:
+        os.umask(umask)
+    mode = lambda files: {f.name: oct(f.stat().st_mode & 0o777) for f in files}  # noqa: E731
+    assert set(mode([tmp_path / "a.safetensors", tmp_path / "folder" / "b.safetensors"]).values()) == {"0o644"}
+    run_files = mode([tiny_run / "pytorch_lora_weights.safetensors", *spo.checkpoint_dirs(tiny_run)[-1].iterdir()])
+    assert set(run_files.values()) == {oct(0o666 & ~umask)}, run_files  # written under this process's own umask
 
 
 # ---- SDXL: two text encoders, size conditioning, candidates that run num_inner_step steps on their own ----
@@ -1937,6 +1974,34 @@ def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_flags_naming_files_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A non-LoRA or other-rank --init-lora and a missing local judge file were refused only after the pipeline
+    loaded (minutes for SDXL); the prompts flag given a folder said "no such file"."""
+    monkeypatch.setattr(spo, "Pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the flags' check"))
+    not_lora, rank_8 = tmp_path / "weights.safetensors", tmp_path / "rank8.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 4)}, str(not_lora))
+    save_file({"unet.a.to_q.lora.down.weight": torch.zeros(8, 32), "unet.a.to_q.lora.up.weight": torch.zeros(32, 8)},
+              str(rank_8))
+    for flags, message in [
+        (["--init-lora", str(not_lora)], f"--init-lora {not_lora} holds no UNet LoRA weights"),
+        (["--init-lora", str(rank_8)], f"--init-lora {rank_8} has LoRA rank 8, this run uses --lora-rank 4"),
+        (["--preference-checkpoint", str(tmp_path / "spm.bin")], "--preference-checkpoint: no such file or folder"),
+        (["--preference-processor", "./nope"], "--preference-processor: no such file or folder: ./nope"),
+        (["--prompts", str(tmp_path)], f"--prompts: {tmp_path} is a folder, not a prompt file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(tmp_path / "run")] + flags)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flags, err)
+    assert not (tmp_path / "run").exists()
+    # Not refused: "owner/repo" where a folder "owner" exists here is still a hub id (a clone of owner/repo makes
+    # one), and --random-init reads no model files at all.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    spo.parse_args(FAST + ["--pretrained", "owner/repo", "--preference-model", "owner/clip"])
+    spo.parse_args(FAST + ["--random-init", "--pretrained", "/nonexistent/sd", "--vae", "./nope"])
+
+
 def nan_loss_at(monkeypatch, bad_calls):
     """Make spo_loss return NaN on the given call numbers (1-based; None: every call)."""
     real, calls = spo.spo_loss, []
@@ -2009,7 +2074,9 @@ def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypat
     out = tmp_path / "nan-always"
     with pytest.raises(SystemExit) as exit_info:
         spo.main(FAST + ["--out", str(out), "--max-bad-steps", "3"])
-    assert exit_info.value.code == 1 and "3 non-finite steps in a row" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.splitlines()[-1].startswith("error: 3 non-finite steps in a row"), \
+        f"the error must end the progress bars' line, not join it: {err[-300:]!r}"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"
 
@@ -3542,16 +3609,22 @@ def test_a_run_its_data_refuses_before_any_checkpoint_leaves_nothing(dataset, tm
         assert not absent.exists() and empty.is_dir() and link.is_symlink() and not any(empty.iterdir())
 
 
-def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset, identity_sd, tmp_path, capsys,
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(dataset, identity_sd, tmp_path,
                                                                           monkeypatch):
     real, updates = pm.preference_loss, []
     monkeypatch.setattr(pm, "preference_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: updates.append(1))
-    out = tmp_path / "out"
+    out, printed = tmp_path / "out", io.StringIO()
+    monkeypatch.setattr(sys, "stdout", printed)  # stdout and stderr in one stream, as in a terminal
+    monkeypatch.setattr(sys, "stderr", printed)
     code = pm.main(["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data",
                     str(dataset), "--batch-size", "2", "--grad-accum", "1", "--eval-timesteps", "0", "--max-steps",
                     "20", "--out", str(out)])
-    assert code == 1 and "10 non-finite steps in a row" in capsys.readouterr().err
+    # the evaluation's report and the error start lines of their own, not the progress bar's
+    lines = re.split(r"[\r\n]", printed.getvalue())
+    assert code == 1 and any(line.startswith("error: 10 non-finite steps in a row") for line in lines), \
+        f"the error must not join the progress bar's line: {printed.getvalue()[-300:]!r}"
+    assert any(line.startswith("step 0: accuracy on") for line in lines), printed.getvalue()[:300]
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 10 and all(r["skipped"] == "non-finite gradient" for r in steps)
     assert not updates, "a skipped step must not update the SPM"

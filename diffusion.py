@@ -516,7 +516,14 @@ def first_line(err):
 
 
 def cannot_load(what, name, err, flag):
+    """The one line for a model, file or dataset that does not load. Offline, the hub's libraries blame a missing
+    file ("does not appear to have a file named model_index.json"), so the line says what was searched."""
+    from huggingface_hub import constants
+
     reason = first_line(err)
+    if constants.HF_HUB_OFFLINE and not str(name).startswith(("/", ".", "~")) and not os.path.exists(name):
+        searched = "the hub is unreachable or HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched"
+        reason = f"{reason.rstrip('.')}; {searched}"
     return UserError(f"cannot load {what} from '{name}': {reason} "
                      f"(download it and pass a local folder or file with {flag})")
 

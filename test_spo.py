@@ -2002,6 +2002,19 @@ def test_flags_naming_files_are_checked_before_any_model_loads(tmp_path, capsys,
     spo.parse_args(FAST + ["--random-init", "--pretrained", "/nonexistent/sd", "--vae", "./nope"])
 
 
+def test_a_hub_name_that_fails_offline_says_only_the_local_cache_was_searched(monkeypatch):
+    """Offline, huggingface_hub blames a missing model_index.json; the line must say the hub was not asked."""
+    from huggingface_hub import constants
+
+    err = OSError("owner/repo does not appear to have a file named model_index.json.")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline, local = (str(D.cannot_load("the pipeline", n, err, "--pretrained")) for n in ("owner/repo", "./sd"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    online = str(D.cannot_load("the pipeline", "owner/repo", err, "--pretrained"))
+    assert "only the local Hugging Face cache was searched" in offline and "with --pretrained" in offline, offline
+    assert "cache" not in local and "cache" not in online, (local, online)
+
+
 def nan_loss_at(monkeypatch, bad_calls):
     """Make spo_loss return NaN on the given call numbers (1-based; None: every call)."""
     real, calls = spo.spo_loss, []

@@ -271,6 +271,14 @@ def test_cli_names_a_missing_image_before_it_loads_the_model_or_prints_a_score(c
     assert code == 2 and printed.out == "" and printed.err.strip() == "error: --image: no such file: nope.png"
 
 
+def test_cli_refuses_a_timestep_out_of_range_before_it_loads_the_model(capsys, png_files, monkeypatch):
+    """--timestep 1000 or -1 is refused by the flag check, not by the model after it has loaded."""
+    monkeypatch.setattr(pm, "load_preference_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for t in ("1000", "-1"):
+        code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], "--timestep", t])
+        assert code == 2 and f"--timestep must be in [0, 999], got {t}" in capsys.readouterr().err
+
+
 def test_a_processor_that_does_not_fit_the_clip_and_a_quoted_home_path(tmp_path, monkeypatch):
     """A processor cropping to another size than the CLIP takes is refused when loaded (it failed at the first
     image, deep inside CLIP); a quoted '~/...' folder loads as a folder, not as a hub id."""
@@ -641,6 +649,29 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
             if isinstance(module, D.LoRALinear):
                 parent, child = name.rsplit(".", 1)
                 setattr(unet.get_submodule(parent), child, module.base)
+
+
+def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
+    """The GradScaler's loss scale is taken out before clipping and reporting: the same micro-batch with a scale
+    of 2^16 and without one gives the same gradient norm and the same updated LoRA."""
+    cfg = spo.parse_args(FAST)
+    results = []
+    for enabled in (False, True):
+        m = spo.setup_models(cfg, scorer=RuleScorer())
+        gen = torch.Generator().manual_seed(0)
+        pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
+                     text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+        pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
+                     lose=torch.randn(2, 4, 8, 8, generator=gen))
+        for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
+            torch.nn.init.normal_(layer.lora.up.weight, std=0.01, generator=gen)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=enabled)
+        record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
+                                       m.lora_params, m.optimizer, scaler, m.autocast, cfg, 1, [])
+        results.append((record["grad_norm"], [p.detach().clone() for p in m.lora_params]))
+    (norm, params), (scaled_norm, scaled_params) = results
+    assert norm > 0 and scaled_norm == pytest.approx(norm, rel=1e-4), f"norms {norm} and {scaled_norm} (scaled)"
+    torch.testing.assert_close(scaled_params, params, rtol=1e-4, atol=1e-6)
 
 
 # ---- spo.py end to end on the tiny model ----
@@ -1111,6 +1142,12 @@ def test_a_json_prompt_file_may_start_with_whitespace(tmp_path):
     assert D.read_prompts(path, "--prompts") == ["a cat", "a dog"]
 
 
+def test_every_prompt_is_checked_for_text_utf8_cannot_encode():
+    """A lone surrogate in any prompt, not only the first, is named before it reaches a tokenizer."""
+    with pytest.raises(UserError, match=r"--prompts: not valid Unicode text: 'a \?'"):
+        D.check_text(["a cat", "a \ud800"], "--prompts")
+
+
 def test_the_validation_grid_has_a_column_per_seed_and_a_row_per_prompt(tmp_path):
     """One tile per (prompt, seed): seeds across, prompts down."""
     from PIL import Image
@@ -1148,6 +1185,95 @@ def test_an_updates_logged_loss_and_ratios_are_the_mean_over_its_micro_batches(m
     assert record["loss"] == pytest.approx(math.log(2) + 2.0, rel=1e-5), f"loss not averaged over the group: {record}"
     assert record["ratio_win"] == pytest.approx(2.0, rel=1e-5) and record["ratio_lose"] == pytest.approx(1.0, rel=1e-5)
     assert record["pairs"] == 3, "pairs counts every micro-batch of the group"
+
+
+def test_every_prompt_batch_draws_its_own_noise_and_each_epoch_its_own_order(tmp_path, monkeypatch):
+    """derived_seed keys: (epoch, batch) for the sampling noise, the epoch for the prompt order. Resume tests cannot
+    see a key left out (the uninterrupted run would repeat the same noise), so the draws are checked here."""
+    seeds, prompts = [], []
+    real_pool, real_score = spo.sample_candidate_pool, spo.make_score_fn
+
+    def pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
+        seeds.append(generator.initial_seed())
+        return real_pool(pipe, unet, cond, uncond, score_fn, cfg, generator)
+
+    def score(scorer, batch_prompts, k):
+        prompts.append(list(batch_prompts))
+        return real_score(scorer, batch_prompts, k)
+
+    monkeypatch.setattr(spo, "sample_candidate_pool", pool)
+    monkeypatch.setattr(spo, "make_score_fn", score)
+    spo.main(FAST + ["--out", str(tmp_path / "run")])
+    assert len(seeds) == 4 and len(set(seeds)) == 4, "each (epoch, batch) must seed its own sampling noise"
+    epoch0, epoch1 = sum(prompts[:2], []), sum(prompts[2:], [])
+    assert sorted(epoch0) == sorted(epoch1) == sorted(spo.TINY_PROMPTS), "an epoch visits every prompt once"
+    assert epoch0 != epoch1, "each epoch must shuffle the prompts anew"
+
+
+def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(tiny_run, tmp_path):
+    """DPO's reference is the model training starts from: with --init-lora, the base plus that LoRA, so the first
+    ratios are exactly 1 (against the base model, a trained LoRA would start off 1 and often clamped). The trained
+    LoRA is what is saved, and a resumed run keeps the init LoRA, not the checkpoint's, as its reference."""
+    init = tiny_run / "pytorch_lora_weights.safetensors"
+    flags = FAST[:-1] + ["1", "--init-lora", str(tiny_run), "--lr", "1e-2"]  # a run folder: its LoRA file
+    spo.main(flags + ["--out", str(tmp_path / "full")])
+    first = [r for r in records(tmp_path / "full") if "loss" in r][0]
+    assert first["ratio_win"] == first["ratio_lose"] == 1.0, first
+    assert any(r["ratio_win"] != 1.0 for r in records(tmp_path / "full")[1:]), "after an update the policy moves away"
+    trained, start = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors")), load_file(str(init))
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "the trained LoRA must be saved, not the init"
+    spo.main(flags + ["--out", str(tmp_path / "cut"), "--save-every", "1"])
+    checkpoints = sorted((tmp_path / "cut" / "checkpoints").iterdir(), key=lambda d: d.stat().st_mtime)
+    assert len(checkpoints) == 2
+    shutil.rmtree(checkpoints[-1])  # as if killed after the first prompt batch
+    spo.main(flags + ["--out", str(tmp_path / "cut"), "--resume"])
+    resumed = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained), "the resumed run must end where the full one does"
+
+
+def test_as_reference_runs_the_init_lora_and_gives_the_trained_one_back(lora_unet):
+    """Inside as_reference an --init-lora run's UNet computes exactly what a UNet holding the init LoRA does (not the
+    policy, not the base model); on exit the trained weights are back, bit for bit."""
+    unet, io = lora_unet
+    base = unet_out(unet, io)
+    D.inject_lora(unet, 4, 4)
+    D.load_lora(unet, LORA / "pytorch_lora_weights.safetensors")  # the init LoRA
+    init = unet_out(unet, io)
+    spo.keep_as_reference(unet)
+    with torch.no_grad():  # training moves the LoRA
+        for layer in D.lora_layers(unet):
+            layer.lora.up.weight.add_(0.1)
+    trained = [p.detach().clone() for p in D.lora_layers(unet)[0].parameters() if p.requires_grad]
+    policy = unet_out(unet, io)
+    with spo.as_reference(unet):
+        assert torch.equal(unet_out(unet, io), init), "the reference must be the base plus the init LoRA"
+    assert not torch.allclose(policy, init) and not torch.allclose(init, base)
+    assert torch.equal(unet_out(unet, io), policy), "the policy must come back after as_reference"
+    assert all(torch.equal(a, b) for a, b in zip(trained, [p for p in D.lora_layers(unet)[0].parameters()
+                                                          if p.requires_grad]))
+
+
+def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
+    """The tiny models draw their weights from seed 0 without reseeding the caller's generator (a test or run
+    that builds one on first use would otherwise draw other numbers than a run that found it cached)."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    D.build_tiny_pipeline(tmp_path / "sd", "tiny")
+    pm.build_tiny_spm(tmp_path / "spm")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_vae_and_judge_run_in_their_own_dtype_under_autocast():
+    """Sampling runs under the run's autocast, but an fp32 VAE (SDXL's own overflows in fp16) and the fp32 judge
+    (the official code scores in fp32) must not be cast down by it."""
+    pipe = D.Pipeline("tiny-sdxl")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    score = spo.make_score_fn(pm.load_preference_model("spm", "tiny", "tiny", "tiny"), ["a red cat"], 2)
+    plain = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
+    with torch.autocast("cpu", torch.bfloat16):
+        cast = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
+    assert torch.equal(plain[0], cast[0]), "the VAE ran in bf16 under autocast"
+    assert torch.equal(plain[1], cast[1]), "the preference model ran in bf16 under autocast"
 
 
 # ---- reliability: interrupted runs, untrusted files, numerical faults ----
@@ -1542,6 +1668,138 @@ def test_written_files_get_the_mode_the_umask_gives_any_file(tiny_run, tmp_path)
     assert set(run_files.values()) == {oct(0o666 & ~umask)}, run_files  # written under this process's own umask
 
 
+def test_runs_from_before_sdxl_resume(tiny_run, tmp_path):
+    """config.json of older runs lacks the settings added since (vae, num_inner_step, pool_at_last_step): their
+    defaults apply, so --resume accepts the run."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out)
+    config = json.loads((out / "config.json").read_text())
+    for key in ("vae", "num_inner_step", "pool_at_last_step"):
+        del config[key]
+    (out / "config.json").write_text(json.dumps(config))
+    spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])  # one more epoch
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path, capsys):
+    marker, evil = tmp_path / "pwned.txt", tmp_path / "spm.bin"
+    torch.save({"model.logit_scale": Exploit(str(marker))}, evil)
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(tmp_path / "run"), "--preference-checkpoint", str(evil)])
+    assert exit_info.value.code == 2 and str(evil) in capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_pickled_optimizer_state_is_refused_on_resume(tiny_run, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "pwned.txt"
+    shutil.copytree(tiny_run, out)
+    torch.save({"optimizer": Exploit(str(marker))}, spo.checkpoint_dirs(out)[-1] / "optimizer.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])
+    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
+    cut = tmp_path / "cut.safetensors"
+    data = (tiny_run / "pytorch_lora_weights.safetensors").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(tmp_path / "run"), "--init-lora", str(cut)])
+    assert exit_info.value.code == 2 and str(cut) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_naming_files_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A non-LoRA or other-rank --init-lora and a missing local judge file were refused only after the pipeline
+    loaded (minutes for SDXL); the prompts flag given a folder said "no such file"."""
+    monkeypatch.setattr(spo, "Pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the flags' check"))
+    not_lora, rank_8 = tmp_path / "weights.safetensors", tmp_path / "rank8.safetensors"
+    save_file({"conv.weight": torch.zeros(4, 4)}, str(not_lora))
+    save_file({"unet.a.to_q.lora.down.weight": torch.zeros(8, 32), "unet.a.to_q.lora.up.weight": torch.zeros(32, 8)},
+              str(rank_8))
+    for flags, message in [
+        (["--init-lora", str(not_lora)], f"--init-lora {not_lora} holds no UNet LoRA weights"),
+        (["--init-lora", str(rank_8)], f"--init-lora {rank_8} has LoRA rank 8, this run uses --lora-rank 4"),
+        (["--preference-checkpoint", str(tmp_path / "spm.bin")], "--preference-checkpoint: no such file or folder"),
+        (["--preference-processor", "./nope"], "--preference-processor: no such file or folder: ./nope"),
+        (["--prompts", str(tmp_path)], f"--prompts: {tmp_path} is a folder, not a prompt file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            spo.main(FAST + ["--out", str(tmp_path / "run")] + flags)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flags, err)
+    assert not (tmp_path / "run").exists()
+    # Not refused: "owner/repo" where a folder "owner" exists here is still a hub id (a clone of owner/repo makes
+    # one), and --random-init reads no model files at all.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    spo.parse_args(FAST + ["--pretrained", "owner/repo", "--preference-model", "owner/clip"])
+    spo.parse_args(FAST + ["--random-init", "--pretrained", "/nonexistent/sd", "--vae", "./nope"])
+
+
+def test_init_lora_rank_is_the_unet_lora_rank_and_a_home_path_is_local(tmp_path, monkeypatch):
+    """--init-lora's rank is its UNet LoRA's: text-encoder weights of another rank are left out, two UNet ranks are
+    refused. A path that starts with ~ is local: it is read from $HOME and must exist there."""
+    run, lora = ["--out", str(tmp_path / "run")], tmp_path / "lora.safetensors"
+    unet = {"unet.a.to_q.lora.down.weight": torch.zeros(4, 32), "unet.a.to_q.lora.up.weight": torch.zeros(32, 4)}
+    save_file({**unet, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(8, 32)}, str(lora))
+    spo.parse_args(FAST + run + ["--init-lora", str(lora)])
+    save_file({**unet, "unet.b.to_k.lora.down.weight": torch.zeros(8, 32)}, str(lora))
+    with pytest.raises(UserError, match="has LoRA rank 4, 8, this run uses --lora-rank 4"):
+        spo.parse_args(FAST + run + ["--init-lora", str(lora)])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spo.parse_args(FAST + run + ["--vae", "~/lora.safetensors"])  # there: the models' own loading judges it
+    with pytest.raises(UserError, match="--vae: no such file or folder: ~/nope"):
+        spo.parse_args(FAST + run + ["--vae", "~/nope"])
+
+
+def test_a_hub_name_that_fails_offline_says_only_the_local_cache_was_searched(monkeypatch):
+    """Offline, huggingface_hub blames a missing model_index.json; the line must say the hub was not asked."""
+    from huggingface_hub import constants
+
+    err = OSError("owner/repo does not appear to have a file named model_index.json.")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline, local = (str(D.cannot_load("the pipeline", n, err, "--pretrained")) for n in ("owner/repo", "./sd"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    online = str(D.cannot_load("the pipeline", "owner/repo", err, "--pretrained"))
+    assert "only the local Hugging Face cache was searched" in offline and "with --pretrained" in offline, offline
+    assert "cache" not in local and "cache" not in online, (local, online)
+
+
+def nan_loss_at(monkeypatch, bad_calls):
+    """Make spo_loss return NaN on the given call numbers (1-based; None: every call)."""
+    real, calls = spo.spo_loss, []
+
+    def flaky(*args):
+        calls.append(1)
+        loss, ratio_w, ratio_l = real(*args)
+        return (loss * float("nan") if bad_calls is None or len(calls) in bad_calls else loss), ratio_w, ratio_l
+
+    monkeypatch.setattr(spo, "spo_loss", flaky)
+
+
+def test_one_nan_loss_is_skipped_and_the_run_finishes(monkeypatch, tmp_path):
+    nan_loss_at(monkeypatch, {2, 4})  # two bad steps, not in a row: a good step between resets the count
+    out = tmp_path / "nan-once"
+    spo.main(FAST + ["--out", str(out), "--max-bad-steps", "2"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped") for m in metrics] == [None, "non-finite loss", None, "non-finite loss"]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypatch, tmp_path, capsys):
+    nan_loss_at(monkeypatch, None)
+    out = tmp_path / "nan-always"
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--max-bad-steps", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.splitlines()[-1].startswith("error: 3 non-finite steps in a row"), \
+        f"the error must end the progress bars' line, not join it: {err[-300:]!r}"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"
+
+
 # ---- SDXL: two text encoders, size conditioning, candidates that run num_inner_step steps on their own ----
 
 
@@ -1856,42 +2114,6 @@ def test_sdxl_random_init_needs_no_download_even_with_a_vae_preset(tmp_path, mon
     assert list(tmp_path.iterdir()) == [], "--random-init left files in the temporary folder"
 
 
-def test_building_a_tiny_model_leaves_the_global_rng_alone(tmp_path):
-    """The tiny models draw their weights from seed 0 without reseeding the caller's generator (a test or run
-    that builds one on first use would otherwise draw other numbers than a run that found it cached)."""
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    D.build_tiny_pipeline(tmp_path / "sd", "tiny")
-    pm.build_tiny_spm(tmp_path / "spm")
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def test_vae_and_judge_run_in_their_own_dtype_under_autocast():
-    """Sampling runs under the run's autocast, but an fp32 VAE (SDXL's own overflows in fp16) and the fp32 judge
-    (the official code scores in fp32) must not be cast down by it."""
-    pipe = D.Pipeline("tiny-sdxl")
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    score = spo.make_score_fn(pm.load_preference_model("spm", "tiny", "tiny", "tiny"), ["a red cat"], 2)
-    plain = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
-    with torch.autocast("cpu", torch.bfloat16):
-        cast = pipe.decode(latents), score(pipe.decode(latents), torch.tensor([501, 501]))
-    assert torch.equal(plain[0], cast[0]), "the VAE ran in bf16 under autocast"
-    assert torch.equal(plain[1], cast[1]), "the preference model ran in bf16 under autocast"
-
-
-def test_runs_from_before_sdxl_resume(tiny_run, tmp_path):
-    """config.json of older runs lacks the settings added since (vae, num_inner_step, pool_at_last_step): their
-    defaults apply, so --resume accepts the run."""
-    out = tmp_path / "old"
-    shutil.copytree(tiny_run, out)
-    config = json.loads((out / "config.json").read_text())
-    for key in ("vae", "num_inner_step", "pool_at_last_step"):
-        del config[key]
-    (out / "config.json").write_text(json.dumps(config))
-    spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])  # one more epoch
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
-
-
 class Exploit:
     """Unpickling this would run code: it must never happen."""
 
@@ -1900,198 +2122,6 @@ class Exploit:
 
     def __reduce__(self):
         return (Path.write_text, (Path(self.marker), "pwned"))
-
-
-def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path, capsys):
-    marker, evil = tmp_path / "pwned.txt", tmp_path / "spm.bin"
-    torch.save({"model.logit_scale": Exploit(str(marker))}, evil)
-    with pytest.raises(SystemExit) as exit_info:
-        spo.main(FAST + ["--out", str(tmp_path / "run"), "--preference-checkpoint", str(evil)])
-    assert exit_info.value.code == 2 and str(evil) in capsys.readouterr().err
-    assert not marker.exists(), "the checkpoint's code ran"
-
-
-def test_pickled_optimizer_state_is_refused_on_resume(tiny_run, tmp_path, capsys):
-    out, marker = tmp_path / "run", tmp_path / "pwned.txt"
-    shutil.copytree(tiny_run, out)
-    torch.save({"optimizer": Exploit(str(marker))}, spo.checkpoint_dirs(out)[-1] / "optimizer.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        spo.main(FAST + ["--out", str(out), "--resume", "--epochs", "3"])
-    assert exit_info.value.code == 2 and "unreadable" in capsys.readouterr().err
-    assert not marker.exists(), "the checkpoint's code ran"
-
-
-def test_a_run_from_an_init_lora_uses_it_as_the_reference_and_resumes_exactly(tiny_run, tmp_path):
-    """DPO's reference is the model training starts from: with --init-lora, the base plus that LoRA, so the first
-    ratios are exactly 1 (against the base model, a trained LoRA would start off 1 and often clamped). The trained
-    LoRA is what is saved, and a resumed run keeps the init LoRA, not the checkpoint's, as its reference."""
-    init = tiny_run / "pytorch_lora_weights.safetensors"
-    flags = FAST[:-1] + ["1", "--init-lora", str(tiny_run), "--lr", "1e-2"]  # a run folder: its LoRA file
-    spo.main(flags + ["--out", str(tmp_path / "full")])
-    first = [r for r in records(tmp_path / "full") if "loss" in r][0]
-    assert first["ratio_win"] == first["ratio_lose"] == 1.0, first
-    assert any(r["ratio_win"] != 1.0 for r in records(tmp_path / "full")[1:]), "after an update the policy moves away"
-    trained, start = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors")), load_file(str(init))
-    assert any(not torch.equal(trained[k], start[k]) for k in start), "the trained LoRA must be saved, not the init"
-    spo.main(flags + ["--out", str(tmp_path / "cut"), "--save-every", "1"])
-    checkpoints = sorted((tmp_path / "cut" / "checkpoints").iterdir(), key=lambda d: d.stat().st_mtime)
-    assert len(checkpoints) == 2
-    shutil.rmtree(checkpoints[-1])  # as if killed after the first prompt batch
-    spo.main(flags + ["--out", str(tmp_path / "cut"), "--resume"])
-    resumed = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
-    assert all(torch.equal(trained[k], resumed[k]) for k in trained), "the resumed run must end where the full one does"
-
-
-def test_as_reference_runs_the_init_lora_and_gives_the_trained_one_back(lora_unet):
-    """Inside as_reference an --init-lora run's UNet computes exactly what a UNet holding the init LoRA does (not the
-    policy, not the base model); on exit the trained weights are back, bit for bit."""
-    unet, io = lora_unet
-    base = unet_out(unet, io)
-    D.inject_lora(unet, 4, 4)
-    D.load_lora(unet, LORA / "pytorch_lora_weights.safetensors")  # the init LoRA
-    init = unet_out(unet, io)
-    spo.keep_as_reference(unet)
-    with torch.no_grad():  # training moves the LoRA
-        for layer in D.lora_layers(unet):
-            layer.lora.up.weight.add_(0.1)
-    trained = [p.detach().clone() for p in D.lora_layers(unet)[0].parameters() if p.requires_grad]
-    policy = unet_out(unet, io)
-    with spo.as_reference(unet):
-        assert torch.equal(unet_out(unet, io), init), "the reference must be the base plus the init LoRA"
-    assert not torch.allclose(policy, init) and not torch.allclose(init, base)
-    assert torch.equal(unet_out(unet, io), policy), "the policy must come back after as_reference"
-    assert all(torch.equal(a, b) for a, b in zip(trained, [p for p in D.lora_layers(unet)[0].parameters()
-                                                          if p.requires_grad]))
-
-
-def test_truncated_safetensors_is_refused_by_path(tiny_run, tmp_path, capsys):
-    cut = tmp_path / "cut.safetensors"
-    data = (tiny_run / "pytorch_lora_weights.safetensors").read_bytes()
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit) as exit_info:
-        spo.main(FAST + ["--out", str(tmp_path / "run"), "--init-lora", str(cut)])
-    assert exit_info.value.code == 2 and str(cut) in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
-def test_flags_naming_files_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    """A non-LoRA or other-rank --init-lora and a missing local judge file were refused only after the pipeline
-    loaded (minutes for SDXL); the prompts flag given a folder said "no such file"."""
-    monkeypatch.setattr(spo, "Pipeline", lambda *a, **k: pytest.fail("the pipeline loaded before the flags' check"))
-    not_lora, rank_8 = tmp_path / "weights.safetensors", tmp_path / "rank8.safetensors"
-    save_file({"conv.weight": torch.zeros(4, 4)}, str(not_lora))
-    save_file({"unet.a.to_q.lora.down.weight": torch.zeros(8, 32), "unet.a.to_q.lora.up.weight": torch.zeros(32, 8)},
-              str(rank_8))
-    for flags, message in [
-        (["--init-lora", str(not_lora)], f"--init-lora {not_lora} holds no UNet LoRA weights"),
-        (["--init-lora", str(rank_8)], f"--init-lora {rank_8} has LoRA rank 8, this run uses --lora-rank 4"),
-        (["--preference-checkpoint", str(tmp_path / "spm.bin")], "--preference-checkpoint: no such file or folder"),
-        (["--preference-processor", "./nope"], "--preference-processor: no such file or folder: ./nope"),
-        (["--prompts", str(tmp_path)], f"--prompts: {tmp_path} is a folder, not a prompt file"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            spo.main(FAST + ["--out", str(tmp_path / "run")] + flags)
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flags, err)
-    assert not (tmp_path / "run").exists()
-    # Not refused: "owner/repo" where a folder "owner" exists here is still a hub id (a clone of owner/repo makes
-    # one), and --random-init reads no model files at all.
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "owner").mkdir()
-    spo.parse_args(FAST + ["--pretrained", "owner/repo", "--preference-model", "owner/clip"])
-    spo.parse_args(FAST + ["--random-init", "--pretrained", "/nonexistent/sd", "--vae", "./nope"])
-
-
-def test_a_hub_name_that_fails_offline_says_only_the_local_cache_was_searched(monkeypatch):
-    """Offline, huggingface_hub blames a missing model_index.json; the line must say the hub was not asked."""
-    from huggingface_hub import constants
-
-    err = OSError("owner/repo does not appear to have a file named model_index.json.")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    offline, local = (str(D.cannot_load("the pipeline", n, err, "--pretrained")) for n in ("owner/repo", "./sd"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    online = str(D.cannot_load("the pipeline", "owner/repo", err, "--pretrained"))
-    assert "only the local Hugging Face cache was searched" in offline and "with --pretrained" in offline, offline
-    assert "cache" not in local and "cache" not in online, (local, online)
-
-
-def nan_loss_at(monkeypatch, bad_calls):
-    """Make spo_loss return NaN on the given call numbers (1-based; None: every call)."""
-    real, calls = spo.spo_loss, []
-
-    def flaky(*args):
-        calls.append(1)
-        loss, ratio_w, ratio_l = real(*args)
-        return (loss * float("nan") if bad_calls is None or len(calls) in bad_calls else loss), ratio_w, ratio_l
-
-    monkeypatch.setattr(spo, "spo_loss", flaky)
-
-
-def test_every_prompt_batch_draws_its_own_noise_and_each_epoch_its_own_order(tmp_path, monkeypatch):
-    """derived_seed keys: (epoch, batch) for the sampling noise, the epoch for the prompt order. Resume tests cannot
-    see a key left out (the uninterrupted run would repeat the same noise), so the draws are checked here."""
-    seeds, prompts = [], []
-    real_pool, real_score = spo.sample_candidate_pool, spo.make_score_fn
-
-    def pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
-        seeds.append(generator.initial_seed())
-        return real_pool(pipe, unet, cond, uncond, score_fn, cfg, generator)
-
-    def score(scorer, batch_prompts, k):
-        prompts.append(list(batch_prompts))
-        return real_score(scorer, batch_prompts, k)
-
-    monkeypatch.setattr(spo, "sample_candidate_pool", pool)
-    monkeypatch.setattr(spo, "make_score_fn", score)
-    spo.main(FAST + ["--out", str(tmp_path / "run")])
-    assert len(seeds) == 4 and len(set(seeds)) == 4, "each (epoch, batch) must seed its own sampling noise"
-    epoch0, epoch1 = sum(prompts[:2], []), sum(prompts[2:], [])
-    assert sorted(epoch0) == sorted(epoch1) == sorted(spo.TINY_PROMPTS), "an epoch visits every prompt once"
-    assert epoch0 != epoch1, "each epoch must shuffle the prompts anew"
-
-
-def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
-    """The GradScaler's loss scale is taken out before clipping and reporting: the same micro-batch with a scale
-    of 2^16 and without one gives the same gradient norm and the same updated LoRA."""
-    cfg = spo.parse_args(FAST)
-    results = []
-    for enabled in (False, True):
-        m = spo.setup_models(cfg, scorer=RuleScorer())
-        gen = torch.Generator().manual_seed(0)
-        pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
-                     text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
-        pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
-                     lose=torch.randn(2, 4, 8, 8, generator=gen))
-        for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
-            torch.nn.init.normal_(layer.lora.up.weight, std=0.01, generator=gen)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=enabled)
-        record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
-                                       m.lora_params, m.optimizer, scaler, m.autocast, cfg, 1, [])
-        results.append((record["grad_norm"], [p.detach().clone() for p in m.lora_params]))
-    (norm, params), (scaled_norm, scaled_params) = results
-    assert norm > 0 and scaled_norm == pytest.approx(norm, rel=1e-4), f"norms {norm} and {scaled_norm} (scaled)"
-    torch.testing.assert_close(scaled_params, params, rtol=1e-4, atol=1e-6)
-
-
-def test_one_nan_loss_is_skipped_and_the_run_finishes(monkeypatch, tmp_path):
-    nan_loss_at(monkeypatch, {2, 4})  # two bad steps, not in a row: a good step between resets the count
-    out = tmp_path / "nan-once"
-    spo.main(FAST + ["--out", str(out), "--max-bad-steps", "2"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m.get("skipped") for m in metrics] == [None, "non-finite loss", None, "non-finite loss"]
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
-
-
-def test_nan_every_step_aborts_after_max_bad_steps_keeping_checkpoints(monkeypatch, tmp_path, capsys):
-    nan_loss_at(monkeypatch, None)
-    out = tmp_path / "nan-always"
-    with pytest.raises(SystemExit) as exit_info:
-        spo.main(FAST + ["--out", str(out), "--max-bad-steps", "3"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and err.splitlines()[-1].startswith("error: 3 non-finite steps in a row"), \
-        f"the error must end the progress bars' line, not join it: {err[-300:]!r}"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert not (out / "pytorch_lora_weights.safetensors").exists(), "an aborted run must not look finished"
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])
@@ -2937,6 +2967,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--height", "0"], "--height must be a positive multiple of 8, got 0"),  # once the preset's size, silently
     (["--benchmark", "1", "--compare", "--lora", "{bad}/unknown.safetensors"], "--benchmark times the base model's"),
     (["--n", "0"], "--n must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),  # range(0, n, 0) would fail mid-run
     (["--steps", "0"], "--steps must be >= 1"),
     (["--eta", "-0.5"], "--eta must be in [0, 1]"),
     (["--eta", "1.5"], "--eta must be in [0, 1]"),
@@ -3062,6 +3093,49 @@ def test_eval_takes_no_other_prompts(tmp_path):
         with pytest.raises(UserError, match="--eval takes its prompts from its file alone"):
             sample.parse_args(["--model", "tiny", "--lora", str(LORA), "--eval", str(tmp_path / "prompts.txt"),
                                "--out", str(tmp_path / "out")] + extra)
+
+
+def test_sample_accepts_each_flag_at_the_edge_of_its_range(tmp_path):
+    """Valid edges: the largest seed (2^64 - 1 with --n 1), --eta 1 (DDPM), sizes a multiple of 8 but not of 16."""
+    args = sample.parse_args(GOLDEN_RUN + ["--prompt", "a red cat", "--seed", str(2**64 - 1), "--eta", "1", "--height",
+                                           "24", "--width", "40", "--out", str(tmp_path / "out")])
+    assert (args.seed, args.eta, args.height, args.width) == (2**64 - 1, 1.0, 24, 40)
+
+
+def test_an_upper_case_png_out_names_one_image(tmp_path):
+    """--out CAT.PNG is the run's one image, as cat.png is, not a refused image suffix."""
+    args = sample.parse_args(GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path / "CAT.PNG")])
+    assert sample.one_png(args) and sample.files_written(args) == [tmp_path / "CAT.PNG"]
+
+
+def test_random_init_refuses_eval_as_it_refuses_score(tmp_path):
+    """--random-init with --eval would judge noise with downloaded scorers: refused before any model loads."""
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(UserError, match="--score and --eval would judge noise with downloaded scorers"):
+        sample.parse_args(["--model", "tiny", "--random-init", "--lora", str(LORA), "--eval",
+                           str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out")])
+
+
+def test_benchmark_ignores_the_images_out_holds_and_a_refusal_counts_the_others(tmp_path):
+    """--benchmark writes nothing, so images already in --out do not stop it; a refused run counts the rest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for seed in (0, 1):
+        (out / f"000-a-red-cat-seed{seed}.png").write_bytes(b"")
+    flags = GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--out", str(out)]
+    assert sample.parse_args(flags + ["--benchmark", "1"]).benchmark == 1
+    with pytest.raises(UserError, match=r"already holds 000-a-red-cat-seed0\.png and 1 more of this run's files: "):
+        sample.parse_args(flags)
+
+
+def test_exports_need_a_lora_and_never_replace_a_merged_folder(tmp_path):
+    """--save-merged and --export-webui without --lora are refused, and so is a --save-merged folder that exists."""
+    for export in (["--save-merged", str(tmp_path / "merged")], ["--export-webui", str(tmp_path / "w.safetensors")]):
+        with pytest.raises(UserError, match="--merge, --save-merged and --export-webui need --lora"):
+            sample.parse_args(GOLDEN_RUN + export)
+    (tmp_path / "merged").mkdir()  # a pipeline folder a former run saved
+    with pytest.raises(UserError, match=f"--save-merged {re.escape(str(tmp_path / 'merged'))} exists"):
+        sample.parse_args(GOLDEN_RUN + ["--lora", str(LORA), "--save-merged", str(tmp_path / "merged")])
 
 
 # ---- training the step-aware preference model (preference_model.py train / eval) ----
@@ -3414,6 +3488,16 @@ def test_resume_refuses_other_settings_and_another_world_size(dataset, identity_
     assert [r["step"] for r in records(out)] == [0, 1, 1], "a refused resume must leave the run as it was"
 
 
+def test_a_moved_run_resumes_with_another_eval_every(dataset, identity_sd, tmp_path):
+    """--out and --eval-every are not settings of the run: a moved run resumes in its new folder, with a new one."""
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "2", "--eval-timesteps", "0"]
+    assert pm.main([*flags, "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 0
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert pm.main([*flags, "--out", str(tmp_path / "moved"), "--max-steps", "2", "--eval-every", "1", "--resume"]) == 0
+    assert (tmp_path / "moved" / "checkpoints" / "step-2").is_dir()
+
+
 def test_a_run_killed_during_an_evaluation_resumes_from_the_checkpoint_before_it(dataset, identity_sd, tmp_path,
                                                                                    monkeypatch):
     """The checkpoint comes before the evaluation (which can outlast a preemption's grace period at SD1.5 size):
@@ -3735,6 +3819,7 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0, got 0.0"),  # clipping to 0 would zero every update
@@ -3759,6 +3844,16 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_train_accepts_each_flag_at_the_edge_of_its_range(tmp_path, capsys):
+    """Valid edges (--seed 2^32 - 1, --pickscore-labels 0, --cfg 1, an empty --out folder) pass the flag checks:
+    only the one bad flag here, --resolution 7, is named."""
+    (tmp_path / "out").mkdir()
+    code = pm.main(["train", "--model", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                    "--seed", str(2**32 - 1), "--pickscore-labels", "0", "--cfg", "1", "--resolution", "7"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: --resolution must be a positive multiple of 8, got 7", err
 
 
 def test_each_epoch_reshuffles_the_row_groups_and_their_rows(dataset):

@@ -1373,6 +1373,26 @@ def test_an_update_follows_grad_accum_micro_batches_each_weighted_1_over_grad_ac
     torch.testing.assert_close(list(m.lora_params), reference.param_groups[0]["params"], rtol=1e-5, atol=1e-7)
 
 
+def test_max_grad_norm_0_never_clips_as_the_reference_and_a_bound_clips_to_it():
+    """--max-grad-norm 0 reproduces the official run, whose clip call never clips (README); a bound clips the
+    gradient the optimizer steps on, while the log keeps the norm before clipping."""
+    at_step = []
+    for bound in ("0", "1e-6"):
+        cfg = spo.parse_args(FAST + ["--max-grad-norm", bound])
+        m = spo.setup_models(cfg, scorer=RuleScorer())
+        m.optimizer.step = lambda *a, **k: at_step.append(torch.cat([p.grad.flatten() for p in m.lora_params]).norm())
+        gen = torch.Generator().manual_seed(0)
+        pair = dict(x_t=torch.randn(2, 4, 2, 2, generator=gen), t=torch.tensor([901, 501]),
+                    text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+        pair.update(x_t_lose=pair["x_t"], win=torch.randn(2, 4, 2, 2, generator=gen),
+                    lose=torch.randn(2, 4, 2, 2, generator=gen))
+        record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pair, m.pipe.encode_negative(1, (16, 16)),
+                                       m.lora_params, m.optimizer, m.scaler, m.autocast, cfg, 1, [])
+        assert record["grad_norm"] > 1e-3, record
+        expected = record["grad_norm"] if bound == "0" else 1e-6
+        assert at_step[-1].item() == pytest.approx(expected, rel=1e-4), (bound, at_step[-1].item(), record)
+
+
 def test_accumulation_groups_span_prompt_batches_and_resume_exactly(tmp_path):
     """With one pair per micro-batch and groups of 2, a prompt batch that keeps an odd number of pairs hands half a
     group to the next batch (the official run's accelerate counts micro-batches across batches). A stop right

@@ -1674,18 +1674,16 @@ def test_an_output_path_that_is_a_broken_link_is_named(tmp_path):
 
 
 def test_written_files_get_the_mode_the_umask_gives_any_file(tiny_run, tmp_path):
-    """safetensors' save_file makes 0600 files: a LoRA on a shared cluster that nobody else could read."""
-    umask = os.umask(0o022)
-    try:
-        D.atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, tmp))
-        with D.atomic_folder(tmp_path / "folder") as tmp:
-            save_file({"x": torch.zeros(1)}, tmp / "b.safetensors")
-    finally:
-        os.umask(umask)
-    mode = lambda files: {f.name: oct(f.stat().st_mode & 0o777) for f in files}  # noqa: E731
-    assert set(mode([tmp_path / "a.safetensors", tmp_path / "folder" / "b.safetensors"]).values()) == {"0o644"}
-    run_files = mode([tiny_run / "pytorch_lora_weights.safetensors", *spo.checkpoint_dirs(tiny_run)[-1].iterdir()])
-    assert set(run_files.values()) == {oct(0o666 & ~umask)}, run_files  # written under this process's own umask
+    """safetensors' save_file makes 0600 files: a LoRA on a shared cluster that nobody else could read. Written
+    files get what open() would give them: 0666 less the umask (0644 under the usual 022)."""
+    D.atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({"x": torch.zeros(1)}, tmp))
+    with D.atomic_folder(tmp_path / "folder") as tmp:
+        save_file({"x": torch.zeros(1)}, tmp / "b.safetensors")
+    (tmp_path / "plain.txt").write_text("")  # the mode of a file made by open()
+    written = [tmp_path / "a.safetensors", tmp_path / "folder" / "b.safetensors",
+               tiny_run / "pytorch_lora_weights.safetensors", *spo.checkpoint_dirs(tiny_run)[-1].iterdir()]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in written}
+    assert set(modes.values()) == {oct((tmp_path / "plain.txt").stat().st_mode & 0o777)}, modes
 
 
 def test_runs_from_before_sdxl_resume(tiny_run, tmp_path):

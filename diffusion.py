@@ -294,6 +294,24 @@ def sgm_name(name, layers_per_block):
     return None
 
 
+def unet_lora_ranks(spec, flag):
+    """The ranks of the UNet LoRA that resolve_lora finds at `spec`, read from the file's header alone: a missing or
+    non-LoRA file is refused before any model loads. Which layers it fits is for lora_modules, with the UNet."""
+    from safetensors import safe_open
+
+    path = resolve_lora(spec, flag)
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as err:
+        raise UserError(f"{flag} {spec}: {path} is not a readable safetensors file ({first_line(err)})") from None
+    ranks = {shape[0] for key, shape in shapes.items()
+             if key.endswith(LORA_DOWN_KEYS) and not key.startswith(TEXT_ENCODER_PREFIXES)}
+    if not ranks:
+        raise UserError(f"{flag} {spec} holds no UNet LoRA weights (no lora.down, lora_A or lora_down keys)")
+    return ranks
+
+
 def read_lora_file(path):
     """A LoRA .safetensors file -> (tensors, declared): `declared` holds what the file says about alpha outside its
     tensors: diffusers' `lora_adapter_metadata` header (`unet.lora_alpha`, `unet.alpha_pattern`), or for PEFT's

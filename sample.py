@@ -32,7 +32,7 @@ from tqdm import tqdm
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
                        captioned_grid, check_text, ddim_sample, device_problem, finite_float,
                        lora_disabled, lora_merged, lora_modules, output_problem, predict_noise, read_lora_file,
-                       read_prompts, resolve_lora, save_lora_webui, save_png, to_pil)
+                       read_prompts, resolve_lora, save_lora_webui, save_png, to_pil, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +508,11 @@ def validate(args):
                (args.save_merged, "--save-merged", False)]
     problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
+    try:  # found, and a LoRA (its layers are checked once the UNet loads): a typo costs no pipeline load
+        if args.lora:
+            unet_lora_ranks(args.lora, "--lora")
+    except UserError as err:
+        problems.append(str(err))
     out_ok = not any(msg.startswith("--out") for msg in problems)  # else exists() may fail: a folder we cannot read
     check = out_ok and not (args.overwrite or args.benchmark)
     existing = [p for p in files_written(args) if p.exists()] if check else []

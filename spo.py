@@ -37,13 +37,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (DTYPES, LORA_DOWN_KEYS, MAX_SEED, PRESETS, TEXT_ENCODER_PREFIXES, TINY_MODELS, ArgumentParser,
-                       Pipeline, StopSignal, TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write,
-                       check_text, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float,
-                       first_line, holds_files, inject_lora, load_lora, lora_layers, load_optimizer_state,
-                       load_safetensors, lora_disabled, output_problem, predict_noise, read_json, read_metrics,
-                       read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora,
-                       setup_distributed, take)
+from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
+                       UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
+                       ddim_step, ddim_timesteps, device_problem, finite_float, holds_files, inject_lora, load_lora,
+                       lora_layers, load_optimizer_state, load_safetensors, lora_disabled, output_problem,
+                       predict_noise, read_json, read_metrics, read_prompts, remove_unfinished, remove_unstarted_run,
+                       resolve_lora, save_grid, save_lora, setup_distributed, take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -852,10 +851,11 @@ def validate(cfg):
         only_local = spec and spec.startswith(("/", ".", "~"))
         if only_local and not cfg.random_init and not os.path.exists(os.path.expanduser(spec)):
             problems.append(f"{flag}: no such file or folder: {spec}")
-    try:
-        if cfg.init_lora and (problem := init_lora_problem(cfg)):
-            problems.append(problem)
-    except UserError as err:  # resolve_lora's, which names the flag
+    try:  # a file, a run folder or a hub repo (downloaded here, once); its layers are checked once the UNet loads
+        if cfg.init_lora and (ranks := unet_lora_ranks(cfg.init_lora, "--init-lora")) != {cfg.lora_rank}:
+            problems.append(f"--init-lora {cfg.init_lora} has LoRA rank {', '.join(map(str, sorted(ranks)))}, this "
+                            f"run uses --lora-rank {cfg.lora_rank}")
+    except UserError as err:
         problems.append(str(err))
     if cfg.benchmark:  # writes nothing
         return problems
@@ -879,27 +879,6 @@ def validate(cfg):
             problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
                             "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
     return problems
-
-
-def init_lora_problem(cfg):
-    """--init-lora: a file, a run folder or a hub repo (downloaded here, once) whose UNet LoRA has this run's rank,
-    read from the file's header alone. Which layers it fits, and its alpha, are checked once the UNet has loaded."""
-    from safetensors import safe_open
-
-    path = resolve_lora(cfg.init_lora, "--init-lora")
-    try:
-        with safe_open(str(path), "pt") as f:
-            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
-    except Exception as err:
-        return f"--init-lora {cfg.init_lora}: {path} is not a readable safetensors file ({first_line(err)})"
-    ranks = {shape[0] for key, shape in shapes.items()
-             if key.endswith(LORA_DOWN_KEYS) and not key.startswith(TEXT_ENCODER_PREFIXES)}
-    if not ranks:
-        return f"--init-lora {cfg.init_lora} holds no UNet LoRA weights (no lora.down, lora_A or lora_down keys)"
-    if ranks != {cfg.lora_rank}:
-        return (f"--init-lora {cfg.init_lora} has LoRA rank {', '.join(map(str, sorted(ranks)))}, this run uses "
-                f"--lora-rank {cfg.lora_rank}")
-    return None
 
 
 def is_spo_run(folder):

@@ -3146,6 +3146,16 @@ def test_benchmark_ignores_the_images_out_holds_and_a_refusal_counts_the_others(
         sample.parse_args(flags)
 
 
+def test_a_missing_or_non_lora_file_is_refused_before_the_pipeline_loads(tmp_path):
+    """parse_args loads no model: a --lora typo or a file of other weights used to cost a pipeline load first."""
+    save_file({"conv.weight": torch.zeros(4, 4)}, str(tmp_path / "weights.safetensors"))
+    flags = GOLDEN_RUN + ["--prompt", "a red cat", "--out", str(tmp_path / "out")]
+    for lora, message in [(tmp_path / "nope.safetensors", "--lora: no such file or folder"),
+                          (tmp_path / "weights.safetensors", "holds no UNet LoRA weights")]:
+        with pytest.raises(UserError, match=message):
+            sample.parse_args(flags + ["--lora", str(lora)])
+
+
 def test_exports_need_a_lora_and_never_replace_a_merged_folder(tmp_path):
     """--save-merged and --export-webui without --lora are refused, and so is a --save-merged folder that exists."""
     for export in (["--save-merged", str(tmp_path / "merged")], ["--export-webui", str(tmp_path / "w.safetensors")]):

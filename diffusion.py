@@ -533,13 +533,16 @@ def first_line(err):
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+LOCAL_ONLY = ("/", ".", "~")  # how a path starts that can only be local: a hub id never does
+
+
 def cannot_load(what, name, err, flag):
     """The one line for a model, file or dataset that does not load. Offline, the hub's libraries blame a missing
     file ("does not appear to have a file named model_index.json"), so the line says what was searched."""
     from huggingface_hub import constants
 
     reason = first_line(err)
-    if constants.HF_HUB_OFFLINE and not str(name).startswith(("/", ".", "~")) and not os.path.exists(name):
+    if constants.HF_HUB_OFFLINE and not str(name).startswith(LOCAL_ONLY) and not os.path.exists(name):
         searched = "the hub is unreachable or HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched"
         reason = f"{reason.rstrip('.')}; {searched}"
     return UserError(f"cannot load {what} from '{name}': {reason} "
@@ -569,7 +572,7 @@ def missing_local_path(spec):
     with /, . or ~, or its parent folder exists (runs/sd15x: a typo). expanduser: a quoted '~/...' reaches us as is."""
     path = os.path.expanduser(spec)  # os.path: no error on an unknown ~user or an overlong name
     parent = os.path.dirname(path) or "."
-    return not os.path.exists(path) and (str(spec).startswith(("/", ".", "~")) or os.path.exists(parent))
+    return not os.path.exists(path) and (str(spec).startswith(LOCAL_ONLY) or os.path.exists(parent))
 
 
 def resolve_file(spec, flag):

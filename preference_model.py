@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (DTYPES, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted, UserError,
-                       all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text, ddim_step,
-                       device_problem, finite_float, first_line, holds_files, load_optimizer_state,
+from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
+                       UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
+                       ddim_step, device_problem, finite_float, first_line, holds_files, load_optimizer_state,
                        offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
                        read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
                        setup_distributed, stop_together, take, write_tiny_tokenizer)
@@ -428,7 +428,7 @@ def find_shards(data, split):
     """The split's parquet files in a local folder, or in a hub dataset (downloaded once into the HF cache)."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
-        if str(data).startswith(("/", ".", "~")) or str(data).count("/") != 1:
+        if str(data).startswith(LOCAL_ONLY) or str(data).count("/") != 1:
             raise UserError(f"--data: no such folder: {data}")
         from huggingface_hub import snapshot_download
         try:

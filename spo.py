@@ -37,12 +37,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from diffusion import (DTYPES, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
-                       UserError, all_ranks_sum, atomic_folder, atomic_write, check_text, ddim_log_prob, ddim_sample,
-                       ddim_step, ddim_timesteps, device_problem, finite_float, holds_files, inject_lora, load_lora,
-                       lora_layers, load_optimizer_state, load_safetensors, lora_disabled, output_problem,
-                       predict_noise, read_json, read_metrics, read_prompts, remove_unfinished, remove_unstarted_run,
-                       resolve_lora, save_grid, save_lora, setup_distributed, take, unet_lora_ranks)
+from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
+                       TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
+                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float, holds_files,
+                       inject_lora, load_lora, lora_layers, load_optimizer_state, load_safetensors, lora_disabled,
+                       output_problem, predict_noise, read_json, read_metrics, read_prompts, remove_unfinished,
+                       remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed, take,
+                       unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -848,8 +849,8 @@ def validate(cfg):
     # A path that can only be local (/, ., ~) must exist. "owner/repo" is tried on the hub when the models load, even
     # where a folder "owner" exists here; --random-init builds the models and reads none of these.
     for flag, spec in paths:
-        only_local = spec and spec.startswith(("/", ".", "~"))
-        if only_local and not cfg.random_init and not os.path.exists(os.path.expanduser(spec)):
+        local = spec and spec.startswith(LOCAL_ONLY)
+        if local and not cfg.random_init and not os.path.exists(os.path.expanduser(spec)):
             problems.append(f"{flag}: no such file or folder: {spec}")
     try:  # a file, a run folder or a hub repo (downloaded here, once); its layers are checked once the UNet loads
         if cfg.init_lora and (ranks := unet_lora_ranks(cfg.init_lora, "--init-lora")) != {cfg.lora_rank}:

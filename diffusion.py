@@ -8,6 +8,7 @@ Imports run one way: this file imports none of the three scripts.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -247,7 +248,7 @@ def resolve_lora(spec, flag):
     adapter_model.safetensors or only .safetensors; on the hub 'owner/repo' (its pytorch_lora_weights.safetensors)
     or 'owner/repo/file'."""
     spec = spec.rstrip("/") or spec  # 'owner/repo/' is 'owner/repo'
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))  # os.path: pathlib raises on an unknown ~user
     if path.is_dir():
         found = [path / f for f in LORA_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
         if len(found) == 1 or (found and found[0].name in LORA_FILES):
@@ -541,6 +542,8 @@ def cannot_load(what, name, err, flag):
     file ("does not appear to have a file named model_index.json"), so the line says what was searched."""
     from huggingface_hub import constants
 
+    if str(name).startswith(LOCAL_ONLY) and not os.path.exists(os.path.expanduser(name)):  # not a hub problem
+        return UserError(f"{flag}: no such file or folder: {name}")
     reason = first_line(err)
     if constants.HF_HUB_OFFLINE and not str(name).startswith(LOCAL_ONLY) and not os.path.exists(name):
         searched = "the hub is unreachable or HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched"
@@ -558,7 +561,7 @@ def offline_if_hub_unreachable(name):
 
     from huggingface_hub import constants
 
-    if Path(name).expanduser().exists() or constants.HF_HUB_OFFLINE:
+    if str(name).startswith(LOCAL_ONLY) or os.path.exists(os.path.expanduser(name)) or constants.HF_HUB_OFFLINE:
         return
     try:
         socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
@@ -577,10 +580,10 @@ def missing_local_path(spec):
 
 def resolve_file(spec, flag):
     """A local file, or 'owner/repo/filename' on the hub (downloaded once into the HF cache)."""
-    if Path(spec).expanduser().is_file():
-        return str(Path(spec).expanduser())
+    if os.path.isfile(path := os.path.expanduser(spec)):
+        return path
     parts = str(spec).split("/")
-    if Path(spec).expanduser().exists() or missing_local_path(spec) or len(parts) < 3:  # a folder is no file
+    if os.path.exists(path) or missing_local_path(spec) or len(parts) < 3:  # a folder is no file
         raise UserError(f"{flag}: no such file: {spec}")
     from huggingface_hub import hf_hub_download
     offline_if_hub_unreachable(spec)
@@ -912,6 +915,18 @@ class UserError(Exception):
     """A problem with the user's input: the scripts print its message on one line and exit 2."""
 
 
+@contextlib.contextmanager
+def long_names_refused():
+    """Inside, a path given longer than the filesystem allows is a UserError. pathlib raises on such a name
+    (ENAMETOOLONG) wherever it first looks at it, where os.path would say it is not there."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise UserError(f"file name too long: {err.filename}") from None
+
+
 class TrainingAborted(Exception):
     """Too many non-finite steps in a row: the run stops with exit code 1, keeping its last good checkpoint."""
 
@@ -959,6 +974,9 @@ def output_problem(path, flag, is_file):
     if not str(path).strip():
         return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
     path = Path(path)
+    # 255 bytes a name on Linux filesystems, and the temporary names of atomic_write add up to 12
+    if too_long := [part for part in path.parts if len(os.fsencode(part)) > 255 - 12]:
+        return f"{flag}: the name {too_long[0][:40]}... is too long (at most 243 bytes)"
     if path.is_symlink() and not path.exists():
         return f"{flag} {path} is a broken link"
     try:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
                        ddim_step, device_problem, finite_float, first_line, holds_files, load_optimizer_state,
-                       offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries, read_json,
-                       read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
+                       long_names_refused, offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries,
+                       read_json, read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
                        setup_distributed, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
@@ -426,7 +426,7 @@ COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "num_
 
 def find_shards(data, split):
     """The split's parquet files in a local folder, or in a hub dataset (downloaded once into the HF cache)."""
-    folder = Path(data).expanduser()
+    folder = Path(os.path.expanduser(data))
     if not folder.is_dir():
         if str(data).startswith(LOCAL_ONLY) or str(data).count("/") != 1:
             raise UserError(f"--data: no such folder: {data}")
@@ -1083,22 +1083,23 @@ def main(argv=None):
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     fresh = False
     try:
-        args = parser.parse_args(argv)
-        quiet_libraries()  # stderr keeps to one line per error
-        if args.command == "score":
-            score_command(args)
-            return 0
-        rank, world = setup_distributed()  # under torchrun: one process per GPU
-        fill_defaults(args)  # every rank checks the same flags before any rank writes anything
-        if args.command == "train":  # validation found --out empty or absent, unless resuming
-            out = Path(args.out)
-            created, fresh = not out.exists(), not args.resume and rank == 0
-        if world > 1:
-            dist.barrier()
-        if args.command == "train":
-            train_command(args, rank, world)
-        else:
-            eval_command(args, rank, world)
+        with long_names_refused():
+            args = parser.parse_args(argv)
+            quiet_libraries()  # stderr keeps to one line per error
+            if args.command == "score":
+                score_command(args)
+                return 0
+            rank, world = setup_distributed()  # under torchrun: one process per GPU
+            fill_defaults(args)  # every rank checks the same flags before any rank writes anything
+            if args.command == "train":  # validation found --out empty or absent, unless resuming
+                out = Path(args.out)
+                created, fresh = not out.exists(), not args.resume and rank == 0
+            if world > 1:
+                dist.barrier()
+            if args.command == "train":
+                train_command(args, rank, world)
+            else:
+                eval_command(args, rank, world)
     except UserError as err:
         if fresh:  # bad data shows only once read: a run with no checkpoint yet goes, so the command can rerun
             remove_unstarted_run(out, created)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
-                       captioned_grid, check_text, ddim_sample, device_problem, finite_float,
+                       captioned_grid, check_text, ddim_sample, device_problem, finite_float, long_names_refused,
                        lora_disabled, lora_merged, lora_modules, output_problem, predict_noise, read_lora_file,
                        read_prompts, resolve_lora, save_lora_webui, save_png, to_pil, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
@@ -356,12 +356,12 @@ def run(args):
     lora_on = lora_switch(pipe.unet, modules, args.lora_scale, args.merge)
     jobs = jobs_of(args)
     both = args.compare or args.eval  # base and LoRA images, from the same noise
-    progress = tqdm(total=len(jobs) * (2 if both else 1), desc="images", unit="img")
-    images, paths = render(pipe, jobs, args, lora_on, modules is not None, "-lora" if both else "", progress)
-    if both:
-        base_images, base_paths = render(pipe, jobs, args, lora_on, False, "-base", progress)
-        save_compare_grid(args, jobs, base_images, images, Path(args.out) / "compare.png")
-    progress.close()
+    # the bar closes on the way out, so that an error starts on a line of its own
+    with tqdm(total=len(jobs) * (2 if both else 1), desc="images", unit="img") as progress:
+        images, paths = render(pipe, jobs, args, lora_on, modules is not None, "-lora" if both else "", progress)
+        if both:
+            base_images, base_paths = render(pipe, jobs, args, lora_on, False, "-base", progress)
+            save_compare_grid(args, jobs, base_images, images, Path(args.out) / "compare.png")
     print(f"{progress.total} image{'s' * (progress.total > 1)} written to {args.out}"
           + (", with the grid compare.png" if both else ""))
     if scorers is None:
@@ -533,7 +533,8 @@ def files_written(args):
 
 def main(argv=None):
     try:
-        run(parse_args(argv))
+        with long_names_refused():
+            run(parse_args(argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

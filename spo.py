@@ -40,10 +40,10 @@ from tqdm import tqdm
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
                        TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
                        ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float, holds_files,
-                       inject_lora, load_lora, lora_layers, load_optimizer_state, load_safetensors, lora_disabled,
-                       output_problem, predict_noise, read_json, read_metrics, read_prompts, remove_unfinished,
-                       remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed, take,
-                       unet_lora_ranks)
+                       inject_lora, load_lora, load_optimizer_state, load_safetensors, long_names_refused,
+                       lora_disabled, lora_layers, output_problem, predict_noise, read_json, read_metrics, read_prompts,
+                       remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed,
+                       take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -875,8 +875,8 @@ def validate(cfg):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "
                             "pass --resume to continue that run or --overwrite to replace it")
-        elif not is_spo_run(out) or out.is_symlink() or any(Path(p).expanduser().resolve().is_relative_to(out.resolve())
-                                                            for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
+        elif not is_spo_run(out) or out.is_symlink() or any(Path(os.path.expanduser(p)).resolve().is_relative_to(
+                out.resolve()) for p in (Path.cwd(), cfg.prompts, cfg.init_lora) if p):
             problems.append(f"--overwrite deletes --out, and {out} is not a spo.py run folder (or is a link, or holds "
                             "the current directory, --prompts or --init-lora): remove it yourself if that is meant")
     return problems
@@ -896,16 +896,17 @@ def main(argv=None):
     rank, world = setup_distributed()
     fresh = False
     try:
-        cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
-        out = Path(cfg.out)
-        created = not out.exists()
-        fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out))
-        if world > 1:
-            dist.barrier()
-        if cfg.benchmark:
-            benchmark(cfg)
-        else:
-            train(cfg, rank=rank, world=world)
+        with long_names_refused():
+            cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
+            out = Path(cfg.out)
+            created = not out.exists()
+            fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out))
+            if world > 1:
+                dist.barrier()
+            if cfg.benchmark:
+                benchmark(cfg)
+            else:
+                train(cfg, rank=rank, world=world)
     except UserError as err:
         if fresh:  # e.g. a checkpoint that fails once sampled: no checkpoint yet, so remove the run for a rerun
             remove_unstarted_run(out, created)

@@ -256,6 +256,7 @@ def test_cli_score_prints_one_score_per_image(capsys, tiny_spm, png_files):
     (["--timestep", "1000"], "[0, 999]"), (["--checkpoint", "nope.bin"], "no such file"),
     (["--base", "/no/such/clip"], "no such folder"), (["--image", "nope.png"], "no such file"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
+    (["--image", "n" * 300 + ".png"], "file name too long"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, tiny_spm, png_files, extra, message):
     code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], *extra])
@@ -861,6 +862,11 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--out", ""], "--out is empty: name a folder"),  # with --overwrite it once emptied the current directory
     (["--out", "/proc/spo-run"], "cannot be written: /proc is not a writable folder"),  # root passed os.access
     (["--out", "/proc"], "--out /proc cannot be written"),  # an existing folder that only a real write refuses
+    # pathlib raises on these where os.path says "not there": they once ended in a traceback
+    (["--init-lora", "n" * 300], "file name too long: nnnn"),
+    (["--prompts", "n" * 300 + ".json"], "file name too long: nnnn"),
+    (["--out", "n" * 250], "--out: the name nnnnnnnnnn"),  # with atomic_write's temporary name, over 255 bytes
+    (["--init-lora", "~nosuchuser/lora.safetensors"], "--init-lora: no such file or folder: ~nosuchuser/lora"),
 ]
 
 
@@ -3002,13 +3008,16 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--n", "2", "--out", "{out}.png"], "one PNG file but this run writes 2 images"),
     (["--compare"], "pass --lora"),
     (["--model", "sdxl3"], "invalid choice: 'sdxl3'"),
-    (["--vae", "/nonexistent/vae"], "cannot load the VAE from '/nonexistent/vae'"),
+    (["--vae", "/nonexistent/vae"], "--vae: no such file or folder: /nonexistent/vae"),  # not the hub's message
     (["--steps", "many"], "invalid int value: 'many'"),
-    (["--pretrained", "/nonexistent/sd"], "cannot load"),
+    (["--pretrained", "/nonexistent/sd"], "--pretrained: no such file or folder: /nonexistent/sd"),
+    (["--pretrained", "~nosuchuser/sd"], "--pretrained: no such file or folder: ~nosuchuser/sd"),  # a traceback once
+    (["--lora", "n" * 300], "file name too long: nnnn"),
+    (["--out", "{out}/" + "n" * 240 + ".png"], "--out: the name nnnnnnnnnn"),  # found once the images were made
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD_SAMPLES, ids=[" ".join(f).replace("{bad}/", "") for f, _ in BAD_SAMPLES])
+@pytest.mark.parametrize("flags,message", BAD_SAMPLES, ids=[" ".join(f).replace("{bad}/", "")[:60] for f, _ in BAD_SAMPLES])
 def test_sample_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, bad_loras, capsys):
     out = tmp_path / "out"
     flags = [f.format(bad=bad_loras, out=out, lora=LORA) for f in flags]
@@ -3860,6 +3869,8 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
     (["--cfg", "0.5"], "--cfg must be >= 1 (1: no guidance), got 0.5"),  # predict_noise would ignore it
     (["--resume"], "holds no run to resume"),
     (["--data", "/nonexistent/pickapic"], "--data: no such folder: /nonexistent/pickapic"),
+    (["--data", "~nosuchuser/pickapic"], "--data: no such folder: ~nosuchuser/pickapic"),
+    (["--data", "n" * 300], "file name too long"),
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),  # it trained a NaN SPM to exit 0
     (["--resolution", "7"], "--resolution must be a positive multiple of 8, got 7"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),

@@ -653,6 +653,11 @@ class Pipeline:
             m.requires_grad_(False).eval().to(device, dtype)
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
+        if not self.is_sdxl:  # diffusers' StableDiffusionPipeline, which the official SD1.5 code loads, corrects
+            # an outdated SD1.x scheduler config to steps_offset 1 and clip_sample off: so do we
+            config = dict(self.scheduler.config)
+            config.update({k: v for k, v in (("steps_offset", 1), ("clip_sample", False)) if k in config})
+            self.scheduler = type(self.scheduler).from_config(config)
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
         ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         sched = ddim_scheduler.config
@@ -681,7 +686,8 @@ class Pipeline:
         for tokenizer, encoder in self.encoders:
             ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
             out = encoder(ids.to(encoder.device), output_hidden_states=self.is_sdxl)
-            # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Sec. 2.1)
+            # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Podell et al.
+            # 2023, Sec. 2.1)
             hidden.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
         cond = {"text": torch.cat(hidden, dim=-1)}
         if self.is_sdxl:

@@ -130,7 +130,7 @@ def pick_win_lose(scores, threshold):
     candidates never matter (golden README N6)."""
     s_max, win = scores.max(dim=0)
     s_min, lose = scores.min(dim=0)
-    p = torch.softmax(torch.stack([s_max, s_min]), dim=0)  # (2, b)
+    p = torch.softmax(torch.stack([s_max, s_min]), dim=0)  # (2, b); the official form, not tanh: its rounding
     return win, lose, p[0] - p[1] > threshold
 
 
@@ -157,11 +157,12 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
     size = cfg.resolution // pipe.vae_scale
     step = lambda eps, t, x: ddim_step(eps, t, x, pipe.alphas_cumprod, step_ratio, cfg.eta, pipe.prediction_type)
     randn = lambda *shape: torch.randn(shape, generator=generator, device=device)
-    members = torch.arange(b, device=device).repeat(k)  # row of each flattened pool member's prompt: j * b + p -> p
+    prompt_rows = torch.arange(b, device=device)
+    members = prompt_rows.repeat(k)  # row of each flattened pool member's prompt: j * b + p -> p
     pool_cond, pool_uncond = take(cond, members), take(uncond, members)  # (k * b, ...): the pool's conditioning
     kept, all_scores = [], []
 
-    def judge(images, t_images, chunk):
+    def judge_pool(images, t_images, chunk):
         # Score the pool, and for prompts where the preference is clear keep every transition of the winner's and
         # the loser's chunk as a pair (x_t, x_t_lose -> win, lose), labelled with the timestep it was taken at:
         # it trains the step x_t -> x_{t-1} (golden README N7).
@@ -170,8 +171,9 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
         scores = score_fn(images, t_images.expand(k * b)).float()
         all_scores.append(scores)
         win, lose, valid = pick_win_lose(scores.view(k, b), cfg.threshold)  # (k * b,) -> (k, b)
-        p = torch.arange(b, device=device)
+        p = prompt_rows
         for parents, children, t in chunk:  # each (k, b, c, h, w), and the parents' timestep
+            # [win, p]: (k, b, c, h, w) -> (b, c, h, w), member win[p] of prompt p
             kept.append(dict(x_t=parents[win, p], x_t_lose=parents[lose, p], t=t.expand(b), win=children[win, p],
                              lose=children[lose, p], valid=valid, **cond))
 
@@ -195,18 +197,19 @@ def sample_candidate_pool(pipe, unet, cond, uncond, score_fn, cfg, generator):
                 pool = children
                 continue
             # The step-aware preference model judges the decoded x0-predictions at the members' own timestep t.
-            judge(pipe.decode(x0), t, chunk)
+            judge_pool(pipe.decode(x0), t, chunk)
             # The step-wise resampler: continue from a uniformly random member, not the winner (as the official
             # code), so the chain keeps following the model's own distribution instead of the judge's choices.
             # The member's noise prediction is reused to draw the next pool.
             idx = torch.randint(0, k, (b,), generator=generator, device=device)
-            pick = idx * b + torch.arange(b, device=device)  # flat index of member idx[p] of prompt p
+            pick = idx * b + prompt_rows  # flat index of member idx[p] of prompt p
             x, mean, std = flat[pick], mean[pick], std[pick]
-        pool = mean[None] + std.view(1, -1, 1, 1, 1) * randn(k, *mean.shape)  # (k, b, c, h, w)
+        # Every pool step, the first included, draws k children of the one shared x_t: (k, b, c, h, w)
+        pool = mean[None] + std.view(1, -1, 1, 1, 1) * randn(k, *mean.shape)
         chunk = [(x.expand(k, *x.shape), pool, t)]  # the pool's members share their parent x_t
-    # After the last step the members are images: score them themselves, at t = 0.
-    judge(pipe.decode(pool.flatten(0, 1)), torch.zeros_like(t), chunk)
-    pairs = {key: torch.cat([d[key] for d in kept]) for key in kept[0]}
+    # After the last step the members are the final latents: decode them and score them at t = 0.
+    judge_pool(pipe.decode(pool.flatten(0, 1)), torch.zeros((), dtype=torch.long, device=device), chunk)
+    pairs = {key: torch.cat([d[key] for d in kept]) for key in kept[0]}  # (b * transitions judged, ...)
     keep = pairs.pop("valid").nonzero().squeeze(1)  # the one sync: which rows are pairs
     return {key: value[keep] for key, value in pairs.items()}, torch.cat(all_scores)
 
@@ -233,10 +236,22 @@ def make_score_fn(scorer, prompts, k):
 COND_KEYS = ("text", "pooled", "time_ids")  # what Pipeline.encode_prompts returns; pairs carry them too
 
 
+def lora_weights(unet):
+    """A copy of every LoRA layer's (down, up) weights."""
+    return [(m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone()) for m in lora_layers(unet)]
+
+
+@torch.no_grad()
+def set_lora_weights(unet, weights):
+    for m, (down, up) in zip(lora_layers(unet), weights):
+        m.lora.down.weight.copy_(down)
+        m.lora.up.weight.copy_(up)
+
+
 def keep_as_reference(unet):
     """Store the LoRA's current (--init-lora) weights in each layer as the reference's, for as_reference."""
-    for m in lora_layers(unet):
-        m.initial = (m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone())
+    for m, weights in zip(lora_layers(unet), lora_weights(unet)):
+        m.initial = weights
 
 
 @contextlib.contextmanager
@@ -249,18 +264,12 @@ def as_reference(unet):
         with lora_disabled(unet):
             yield
         return
-    trained = [(m.lora.down.weight.detach().clone(), m.lora.up.weight.detach().clone()) for m in layers]
+    trained = lora_weights(unet)
     try:
-        with torch.no_grad():
-            for m in layers:
-                m.lora.down.weight.copy_(m.initial[0])
-                m.lora.up.weight.copy_(m.initial[1])
+        set_lora_weights(unet, [m.initial for m in layers])
         yield
     finally:
-        with torch.no_grad():
-            for m, (down, up) in zip(layers, trained):
-                m.lora.down.weight.copy_(down)
-                m.lora.up.weight.copy_(up)
+        set_lora_weights(unet, trained)
 
 
 def own_parent(pairs):
@@ -280,7 +289,8 @@ def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     x_t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]])  # (n + n_own, c, h, w): the UNet's input rows
     rows = torch.cat([torch.arange(n, device=own.device), own])  # (n + n_own,): the pair behind each row
     lose_row = torch.arange(n, device=own.device)  # (n,): the row each loser steps from; winners use rows :n
-    lose_row[own] = torch.arange(n, len(rows), device=own.device)
+    lose_row[own] = torch.arange(n, len(rows), device=own.device)  # e.g. n = 3, own = [1]: rows [0, 1, 2, 1],
+    # lose_row [0, 3, 2]
     t, cond = pairs["t"][rows], {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
     uncond = take(uncond_1, torch.zeros_like(rows))
     step_ratio = pipe.num_train_timesteps // cfg.steps
@@ -305,6 +315,7 @@ def spo_loss(logp_w, logp_l, logp_ref_w, logp_ref_l, beta, eps):
     As in the official code both ratios are clamped to [1 - eps, 1 + eps] (no PPO min): a side whose policy has
     left that band around the frozen reference gets zero gradient, and |beta * (log r_w - log r_l)| <=
     beta * log((1 + eps) / (1 - eps)) (2.01 at the defaults) keeps log(sigmoid(.)) safe (N5)."""
+    # exp, clamp, then log again (not a clamp of the log-ratio): the official form, so its vectors match to the bit
     ratio_w = torch.clamp(torch.exp(logp_w - logp_ref_w), 1 - eps, 1 + eps)
     ratio_l = torch.clamp(torch.exp(logp_l - logp_ref_l), 1 - eps, 1 + eps)
     loss = -torch.log(torch.sigmoid(beta * torch.log(ratio_w) - beta * torch.log(ratio_l))).mean()
@@ -472,9 +483,12 @@ def setup_models(cfg, scorer=None, world=1):
     # nanoGPT-style precision: a no-op autocast in fp32, a GradScaler that only acts for fp16.
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the official run (cuDNN's convolutions use TF32 by default)
 
     pipe = Pipeline(cfg.pretrained, device, dtype, random_init=cfg.model if cfg.random_init else None, vae=cfg.vae)
+    if pipe.steps_offset == 0:  # only an SDXL config keeps it (Pipeline corrects SD1.x ones, as diffusers does)
+        raise UserError(f"--pretrained {cfg.pretrained}: its scheduler's steps_offset 0 makes the last DDIM step go "
+                        "from t = 0 to t = 0 without noise, so its pairs have no likelihood: set steps_offset 1")
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
     lora_params = inject_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     if cfg.init_lora:

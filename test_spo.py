@@ -2359,7 +2359,7 @@ def with_released_scheduler(model, folder):
 def test_a_scheduler_config_our_ddim_does_not_implement_is_refused(tmp_path):
     """diffusers' DDIM (and so the official code) would clip x0 or space the steps otherwise: not silently ignored."""
     folder = tmp_path / "pipe"
-    shutil.copytree(D.tiny_pipeline_path("tiny"), folder)
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)  # SDXL: no pipeline corrects clip_sample (below)
     path = folder / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), clip_sample=True, timestep_spacing="trailing")))
     with pytest.raises(UserError, match="asks DDIM for clip_sample=True, timestep_spacing='trailing'"):
@@ -2370,6 +2370,41 @@ def test_a_scheduler_config_our_ddim_does_not_implement_is_refused(tmp_path):
         (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=entry)))
         with pytest.raises(UserError, match="names no diffusers scheduler"):
             D.Pipeline(str(folder), ddim=False)
+
+
+def test_an_outdated_sd1_scheduler_config_is_corrected_as_diffusers_pipeline_does(tmp_path, capsys):
+    """steps_offset 0 and clip_sample on in an SD1.x folder: diffusers' StableDiffusionPipeline, which the official
+    train_spo.py loads (then DDIMScheduler.from_config of its scheduler), corrects both, and so must we. SDXL's
+    pipeline corrects nothing, and there spo.py refuses steps_offset 0: the last step, t = 0 -> 0, has no noise."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path / "sd"
+    shutil.copytree(GOLDEN / "pipeline", folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), steps_offset=0, clip_sample=True)))
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    pipe = D.Pipeline(str(folder))
+    prompts = ["a red cat", "the dog on the lake"]
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    cond, uncond = pipe.encode_prompts(prompts, (16, 16)), pipe.encode_negative(2, (16, 16))
+    expected = ref(prompts, num_inference_steps=6, guidance_scale=5.0, eta=0.0, latents=latents, height=16, width=16,
+                   output_type="pt").images * 2 - 1
+    ours = pipe.decode(D.ddim_sample(pipe, cond, uncond, latents, 6, 5.0))
+    assert (ours.clamp(-1, 1) - expected).abs().max() < 1e-4, "images differ from diffusers' corrected pipeline"
+    assert D.ddim_timesteps(6, 1000, pipe.steps_offset)[-1] == 1
+
+    sdxl = tmp_path / "sdxl"
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), sdxl)
+    path = sdxl / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), steps_offset=0)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(["--model", "tiny-sdxl", "--pretrained", str(sdxl), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "steps_offset 0" in err, err
+    assert not out.exists(), "a refused run must leave nothing"
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])

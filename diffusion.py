@@ -199,7 +199,8 @@ def predict_noise(unet, x, t, cond, uncond, cfg):
     """Classifier-free guidance (Ho & Salimans 2022) in one batched UNet call: eps_u + cfg * (eps_c - eps_u).
     x (n, c, h, w), t (n,), cond/uncond: conditioning dicts of n rows (Pipeline.encode_prompts). Inputs go in the
     UNet's dtype, so this works with or without autocast (LoRALinear keeps its weights in fp32); latents and
-    the result stay float32."""
+    the result stay float32 (a deliberate difference: the official fp16 run rounds its latents to fp16 at every
+    step, see README)."""
     dt = next(unet.parameters()).dtype  # the frozen weights' dtype (conv_in); also for DDP/compiled wrappers
 
     def unet_call(x, t, c):

@@ -922,16 +922,20 @@ class UserError(Exception):
     """A problem with the user's input: the scripts print its message on one line and exit 2."""
 
 
+# errno values of an OSError that a path the user gave causes (pathlib raises them where os.path says "not there")
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.EROFS)
+
+
 @contextlib.contextmanager
-def long_names_refused():
-    """Inside, a path given longer than the filesystem allows is a UserError. pathlib raises on such a name
-    (ENAMETOOLONG) wherever it first looks at it, where os.path would say it is not there."""
+def path_errors_refused():
+    """Inside, an OSError caused by a path (too long, not allowed, a file where a folder belongs, read-only) is a
+    UserError that names it: such a path fails wherever it is first looked at, in any of a dozen places."""
     try:
         yield
     except OSError as err:
-        if err.errno != errno.ENAMETOOLONG:
+        if err.errno not in PATH_ERRNOS or err.filename is None:
             raise
-        raise UserError(f"file name too long: {err.filename}") from None
+        raise UserError(f"{err.strerror[0].lower()}{err.strerror[1:]}: {err.filename}") from None
 
 
 class TrainingAborted(Exception):
@@ -984,9 +988,9 @@ def output_problem(path, flag, is_file):
     # 255 bytes a name on Linux filesystems, and the temporary names of atomic_write add up to 12
     if too_long := [part for part in path.parts if len(os.fsencode(part)) > 255 - 12]:
         return f"{flag}: the name {too_long[0][:40]}... is too long (at most 243 bytes)"
-    if path.is_symlink() and not path.exists():
-        return f"{flag} {path} is a broken link"
     try:
+        if path.is_symlink() and not path.exists():
+            return f"{flag} {path} is a broken link"
         if is_file and path.is_dir():
             return f"{flag} {path} is a folder, not a file"
         if not is_file and path.exists() and not path.is_dir():

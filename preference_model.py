@@ -36,7 +36,7 @@ from tqdm import tqdm
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
                        ddim_step, device_problem, finite_float, first_line, holds_files, load_optimizer_state,
-                       long_names_refused, offline_if_hub_unreachable, output_problem, predict_noise, quiet_libraries,
+                       offline_if_hub_unreachable, output_problem, path_errors_refused, predict_noise, quiet_libraries,
                        read_json, read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
                        setup_distributed, stop_together, take, write_tiny_tokenizer)
 
@@ -1083,7 +1083,7 @@ def main(argv=None):
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     fresh = False
     try:
-        with long_names_refused():
+        with path_errors_refused():
             args = parser.parse_args(argv)
             quiet_libraries()  # stderr keeps to one line per error
             if args.command == "score":

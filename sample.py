@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
-                       captioned_grid, check_text, ddim_sample, device_problem, finite_float, long_names_refused,
-                       lora_disabled, lora_merged, lora_modules, output_problem, predict_noise, read_lora_file,
+                       captioned_grid, check_text, ddim_sample, device_problem, finite_float, lora_disabled,
+                       lora_merged, lora_modules, output_problem, path_errors_refused, predict_noise, read_lora_file,
                        read_prompts, resolve_lora, save_lora_webui, save_png, to_pil, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
@@ -533,7 +533,7 @@ def files_written(args):
 
 def main(argv=None):
     try:
-        with long_names_refused():
+        with path_errors_refused():
             run(parse_args(argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

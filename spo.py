@@ -40,8 +40,8 @@ from tqdm import tqdm
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
                        TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
                        ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float, holds_files,
-                       inject_lora, load_lora, load_optimizer_state, load_safetensors, long_names_refused,
-                       lora_disabled, lora_layers, output_problem, predict_noise, read_json, read_metrics, read_prompts,
+                       inject_lora, load_lora, load_optimizer_state, load_safetensors, lora_disabled, lora_layers,
+                       output_problem, path_errors_refused, predict_noise, read_json, read_metrics, read_prompts,
                        remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed,
                        take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
@@ -910,7 +910,7 @@ def main(argv=None):
     rank, world = setup_distributed()
     fresh = False
     try:
-        with long_names_refused():
+        with path_errors_refused():
             cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
             out = Path(cfg.out)
             created = not out.exists()

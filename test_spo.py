@@ -9,6 +9,7 @@ runs offline on CPU (see README.md for how long).
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import io
 import itertools
@@ -1060,6 +1061,28 @@ def test_cli_subprocess_reports_one_line_and_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, "spo.py", "--model", "tiny", "--k", "1", "--out", str(tmp_path / "x")],
                             capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 2 and result.stderr.strip() == "error: --k must be at least 2 (a pool needs a winner and a loser), got 1"
+
+
+def test_a_path_the_user_may_not_read_is_one_line_and_exit_2(tmp_path):
+    """pathlib raises PermissionError where os.path says "not there": a file in a folder we may not enter ended in a
+    traceback. Root passes permission checks, so the run drops those capabilities (setpriv)."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+    lora = closed / "lora.safetensors"
+    try:
+        result = subprocess.run((drop if os.geteuid() == 0 else []) + [
+            sys.executable, "spo.py", "--model", "tiny", "--init-lora", str(lora), "--out", str(tmp_path / "run")],
+            capture_output=True, text=True, cwd=Path(__file__).parent)
+    finally:
+        closed.chmod(0o700)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: permission denied: {lora}", result.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(OSError) as other:  # an OSError no path causes (a full disk) keeps its type and traceback
+        with D.path_errors_refused():
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert type(other.value) is OSError
 
 
 def test_torch_compile_of_the_lora_unet_matches_eager():

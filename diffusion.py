@@ -728,7 +728,7 @@ def take(cond, index):
 # random weights (--random-init).
 
 def cache_dir():
-    return Path(os.environ.get("SPO_CACHE", Path.home() / ".cache" / "spo"))
+    return Path(os.environ.get("SPO_CACHE") or Path.home() / ".cache" / "spo")  # set but empty: the default
 
 
 def build_once(name, build):
@@ -746,7 +746,10 @@ def build_once(name, build):
             time.sleep(0.2)
     if final.exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. SPO_CACHE names a file
+        raise UserError(f"the model cache {final.parent} (set by SPO_CACHE) cannot be made: {err.strerror}") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
         build(tmp)
@@ -943,10 +946,18 @@ class TrainingAborted(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump."""
+    """argparse that reports a bad flag like every other bad input: one line and exit code 2, no usage dump. An
+    empty value is refused too (`--lora=$LORA` with the variable unset gave base-model images), except for text."""
 
     def error(self, message):
         raise UserError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for name, value in vars(parsed).items():
+            if value == "" and name not in ("prompt", "negative_prompt"):
+                raise UserError(f"--{name.replace('_', '-')} is empty: give it a value or leave the flag out")
+        return parsed
 
 
 def finite_float(text):
@@ -955,6 +966,14 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def size_problem(pixels, flag):
+    """Why `pixels` cannot be an image side, or None. Past 16384 (32 times SD1.5's 512) no memory holds the run,
+    and past 2^63 torch cannot even take the size: both once ended in a traceback."""
+    if not (pixels > 0 and pixels % 8 == 0):
+        return f"{flag} must be a positive multiple of 8, got {pixels}"
+    return f"{flag} must be at most 16384 pixels, got {pixels}" if pixels > 16384 else None
 
 
 MAX_SEED = 2**32 - 1  # seeds are mixed into derived seeds; torch's generators take at most 64 bits

@@ -38,7 +38,7 @@ from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pi
                        ddim_step, device_problem, finite_float, first_line, holds_files, load_optimizer_state,
                        offline_if_hub_unreachable, output_problem, path_errors_refused, predict_noise, quiet_libraries,
                        read_json, read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
-                       setup_distributed, stop_together, take, write_tiny_tokenizer)
+                       setup_distributed, size_problem, stop_together, take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -1001,8 +1001,8 @@ def fill_defaults(args):
         problems.append(f"--eval-timesteps names a t twice: {' '.join(map(str, args.eval_timesteps))}")
     if args.cfg < 1:  # predict_noise, as diffusers, turns guidance off at <= 1; the reference applies it whatever
         problems.append(f"--cfg must be >= 1 (1: no guidance), got {args.cfg}")
-    if not (args.resolution > 0 and args.resolution % 8 == 0):
-        problems.append(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if problem := size_problem(args.resolution, "--resolution"):
+        problems.append(problem)
     if not 0 <= args.seed <= MAX_SEED:
         problems.append(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.pickscore_labels is not None and not 0 <= args.pickscore_labels < 1:
@@ -1108,6 +1108,10 @@ def main(argv=None):
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BaseException:  # a crash (out of memory, say) before the first checkpoint: nothing to resume, so a rerun
+        if fresh:  # of the same command must not find the run folder taken
+            remove_unstarted_run(out, created)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

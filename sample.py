@@ -32,7 +32,7 @@ from tqdm import tqdm
 from diffusion import (DTYPES, PRESETS, ArgumentParser, Pipeline, UserError, apply_lora, atomic_folder, atomic_write,
                        captioned_grid, check_text, ddim_sample, device_problem, finite_float, lora_disabled,
                        lora_merged, lora_modules, output_problem, path_errors_refused, predict_noise, read_lora_file,
-                       read_prompts, resolve_lora, save_lora_webui, save_png, to_pil, unet_lora_ranks)
+                       read_prompts, resolve_lora, save_lora_webui, save_png, size_problem, to_pil, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, PickScoreOnImages, load_preference_model, pil_to_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +482,6 @@ def validate(args):
         (not args.export_webui or args.export_webui.endswith(".safetensors"),
          f"--export-webui must name a .safetensors file, got {args.export_webui}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.height > 0 and args.height % 8 == 0, f"--height must be a positive multiple of 8, got {args.height}"),
-        (args.width > 0 and args.width % 8 == 0, f"--width must be a positive multiple of 8, got {args.width}"),
         (args.prompt_list or exporting or args.benchmark,
          "no prompt: pass --prompt TEXT, --prompts FILE or --eval FILE"),
         (args.benchmark >= 0, f"--benchmark must be >= 0, got {args.benchmark}"),
@@ -506,7 +504,8 @@ def validate(args):
     ]
     outputs = [(args.out, "--out", one_png(args)), (args.export_webui, "--export-webui", True),
                (args.save_merged, "--save-merged", False)]
-    problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(args.device)] if p] + [
+    sizes = [size_problem(args.height, "--height"), size_problem(args.width, "--width")]
+    problems = [msg for ok, msg in checks if not ok] + [p for p in [*sizes, device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
     try:  # found, and a LoRA (its layers are checked once the UNet loads): a typo costs no pipeline load
         if args.lora:

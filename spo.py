@@ -43,7 +43,7 @@ from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, Argum
                        inject_lora, load_lora, load_optimizer_state, load_safetensors, lora_disabled, lora_layers,
                        output_problem, path_errors_refused, predict_noise, read_json, read_metrics, read_prompts,
                        remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed,
-                       take, unet_lora_ranks)
+                       size_problem, take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -846,14 +846,13 @@ def validate(cfg):
         (cfg.save_every >= 0 and cfg.keep >= 0,
          f"--save-every and --keep must be >= 0, got {cfg.save_every}, {cfg.keep}"),
         (cfg.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {cfg.max_bad_steps}"),
-        (cfg.resolution % 8 == 0 and cfg.resolution > 0,
-         f"--resolution must be a positive multiple of 8, got {cfg.resolution}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other"),
         (cfg.model in TINY_MODELS or cfg.prompts or cfg.benchmark,
          f"--model {cfg.model} needs --prompts (e.g. the paper's 4k_training_prompts.json, see README)"),
         (cfg.benchmark >= 0, f"--benchmark must be >= 0, got {cfg.benchmark}"),
     ]
-    problems = [msg for ok, msg in checks if not ok] + [p for p in [device_problem(cfg.device)] if p]
+    problems = [msg for ok, msg in checks if not ok] + [
+        p for p in [size_problem(cfg.resolution, "--resolution"), device_problem(cfg.device)] if p]
     if cfg.prompts and not Path(cfg.prompts).is_file():
         problems.append(f"--prompts: {cfg.prompts} is a folder, not a prompt file" if Path(cfg.prompts).is_dir()
                         else f"--prompts: no such file: {cfg.prompts}")
@@ -929,6 +928,10 @@ def main(argv=None):
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except BaseException:  # a crash (out of memory, say) before the first checkpoint: nothing to resume, so a rerun
+        if fresh:  # of the same command must not find the run folder taken
+            remove_unstarted_run(out, created)
+        raise
     finally:
         if world > 1:
             dist.destroy_process_group()

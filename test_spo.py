@@ -258,6 +258,7 @@ def test_cli_score_prints_one_score_per_image(capsys, tiny_spm, png_files):
     (["--base", "/no/such/clip"], "no such folder"), (["--image", "nope.png"], "no such file"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
     (["--image", "n" * 300 + ".png"], "file name too long"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
+    (["--checkpoint="], "--checkpoint is empty"),  # it scored with the preset's SPM instead
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, tiny_spm, png_files, extra, message):
     code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], *extra])
@@ -860,7 +861,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--seed", "-1"], "--seed and --validation-seeds must be in [0, 4294967295]"),
     (["--validation-seeds", "0", str(2**64)], "--seed and --validation-seeds must be in [0, 4294967295]"),
-    (["--out", ""], "--out is empty: name a folder"),  # with --overwrite it once emptied the current directory
+    (["--out", ""], "--out is empty: give it a value or leave the flag out"),  # with --overwrite it once emptied the current directory
     (["--out", "/proc/spo-run"], "cannot be written: /proc is not a writable folder"),  # root passed os.access
     (["--out", "/proc"], "--out /proc cannot be written"),  # an existing folder that only a real write refuses
     # pathlib raises on these where os.path says "not there": they once ended in a traceback
@@ -868,6 +869,9 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--prompts", "n" * 300 + ".json"], "file name too long: nnnn"),
     (["--out", "n" * 250], "--out: the name nnnnnnnnnn"),  # with atomic_write's temporary name, over 255 bytes
     (["--init-lora", "~nosuchuser/lora.safetensors"], "--init-lora: no such file or folder: ~nosuchuser/lora"),
+    (["--init-lora="], "--init-lora is empty"),  # `--init-lora=$LORA` with the variable unset: it trained from zero
+    (["--resolution", "800000"], "--resolution must be at most 16384 pixels"),  # 10 TB asked of the allocator
+    (["--resolution", str(10**30)], "--resolution must be at most 16384 pixels"),  # torch cannot take the size
 ]
 
 
@@ -962,6 +966,35 @@ def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_p
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and message in err.splitlines()[-1], err
     assert not (tmp_path / "run").exists() and dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_fresh_run_that_crashes_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch):
+    """Out of memory at the first batch (too large a --k or --resolution for the machine): the error keeps its
+    traceback, and the run folder goes, so the same command with a smaller setting is not refused."""
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("can't allocate memory")
+    monkeypatch.setattr(spo, "sample_candidate_pool", out_of_memory)
+    with pytest.raises(MemoryError):
+        spo.main(FAST + ["--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_cache_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SPO_CACHE", str(tmp_path / "file"))  # a file where the cache folder belongs
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"error: the model cache {tmp_path / 'file'} (set by SPO_CACHE) " \
+        "cannot be made: File exists", err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("SPO_CACHE", "")  # set but empty: the default, not the current folder
+    assert D.cache_dir() == Path.home() / ".cache" / "spo"
+
+
+def test_empty_text_is_text_and_not_a_missing_value(tmp_path):
+    args = sample.parse_args(["--model", "tiny", "--prompt", "", "--negative-prompt=", "--out", str(tmp_path / "o")])
+    assert args.prompt == [""] and args.negative_prompt == ""
 
 
 @pytest.mark.parametrize("content, message", [
@@ -3041,7 +3074,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),
     (["--seed", "-1"], "--seed and the seeds after it (--n) must be in [0, 2^64)"),
     (["--seed", str(2**64 - 1), "--n", "2"], "--seed and the seeds after it (--n) must be in [0, 2^64)"),
-    (["--out", ""], "--out is empty: name a folder"),
+    (["--out", ""], "--out is empty: give it a value or leave the flag out"),
     (["--lora", "{bad}/missing.safetensors"], "--lora: no such file or folder"),
     (["--lora", "{bad}"], "holds no single LoRA file"),
     (["--height", "30"], "--height must be a positive multiple of 8, got 30"),
@@ -3072,6 +3105,9 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--pretrained", "~nosuchuser/sd"], "--pretrained: no such file or folder: ~nosuchuser/sd"),  # a traceback once
     (["--lora", "n" * 300], "file name too long: nnnn"),
     (["--out", "{out}/" + "n" * 240 + ".png"], "--out: the name nnnnnnnnnn"),  # found once the images were made
+    (["--lora="], "--lora is empty"),  # `--lora=$LORA` with the variable unset made base-model images
+    (["--vae="], "--vae is empty"),
+    (["--height", str(10**30)], "--height must be at most 16384 pixels"),
 ]
 
 
@@ -3931,8 +3967,9 @@ def test_missing_columns_are_named(dataset, tmp_path, capsys):
     (["--data", "n" * 300], "file name too long"),
     (["--cfg", "nan"], "argument --cfg: must be a finite number, got 'nan'"),  # it trained a NaN SPM to exit 0
     (["--resolution", "7"], "--resolution must be a positive multiple of 8, got 7"),
+    (["--resolution", "16392"], "--resolution must be at most 16384 pixels, got 16392"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
-    (["--out", ""], "--out is empty: name a folder"),
+    (["--out", ""], "--out is empty: give it a value or leave the flag out"),
     (["--bogus"], "unrecognized arguments: --bogus"),  # argparse's errors once gave a traceback here
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, capsys, flags, message):

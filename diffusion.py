@@ -1094,13 +1094,26 @@ def remove_unstarted_run(out, created):
         pass
 
 
+def file_problem(path, flag):
+    """Why `path` is no file to read, or None. A folder, pipe or device is none (a pipe reads only once)."""
+    full = os.path.expanduser(path)
+    if os.path.isfile(full):
+        return None
+    if os.path.isdir(full):
+        return f"{flag}: {path} is a folder, not a file"
+    if os.path.lexists(full):
+        return f"{flag}: {path} is not a regular file (a pipe, a device or a broken link): save it to a file"
+    return f"{flag}: no such file: {path}"
+
+
 def read_prompts(path, flag):
     """A JSON list of {"caption": ...} objects (the official prompt files) or of strings, or a text file with
     one prompt a line (UTF-8, a byte-order mark allowed). Empty prompts are dropped, and said so."""
-    if not Path(path).is_file():
-        raise UserError(f"{flag}: no such file: {path}")
+    if problem := file_problem(path, flag):
+        raise UserError(problem)
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: Windows editors start files with a BOM
+        # -sig: Windows editors start files with a byte-order mark
+        text = Path(os.path.expanduser(path)).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:

@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
-                       ddim_step, device_problem, finite_float, first_line, holds_files, load_optimizer_state,
-                       offline_if_hub_unreachable, output_problem, path_errors_refused, predict_noise, quiet_libraries,
-                       read_json, read_metrics, remove_unfinished, remove_unstarted_run, resolve_file, seeded_weights,
-                       setup_distributed, size_problem, stop_together, take, write_tiny_tokenizer)
+                       ddim_step, device_problem, file_problem, finite_float, first_line, holds_files,
+                       load_optimizer_state, offline_if_hub_unreachable, output_problem, path_errors_refused,
+                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished, remove_unstarted_run,
+                       resolve_file, seeded_weights, setup_distributed, size_problem, stop_together, take,
+                       write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -944,10 +945,10 @@ def load_image(path, decode=True):
     header) and returns None."""
     from PIL import Image
 
-    if not Path(path).is_file():
-        raise UserError(f"--image: no such file: {path}")
+    if problem := file_problem(path, "--image"):
+        raise UserError(problem)
     try:
-        image = Image.open(path)
+        image = Image.open(os.path.expanduser(path))
         if not decode:
             image.close()
             return None

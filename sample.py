@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -498,7 +499,8 @@ def validate(args):
          f"--out {args.out}: images are written as PNG, so name a .png file or a folder"),
         # (a file where a folder belongs, or the other way round, is output_problem's to say)
         (not args.save_merged or not Path(args.save_merged).is_dir(), f"--save-merged {args.save_merged} exists"),
-        (not args.export_webui or not Path(args.export_webui).is_file(), f"--export-webui {args.export_webui} exists"),
+        (not args.export_webui or not os.path.lexists(args.export_webui) or Path(args.export_webui).is_dir(),
+         f"--export-webui {args.export_webui} exists"),
         (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
                                                          f"torch's generator seeds, got {args.seed}"),
     ]

@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
                        TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
-                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, finite_float, holds_files,
-                       inject_lora, load_lora, load_optimizer_state, load_safetensors, lora_disabled, lora_layers,
-                       output_problem, path_errors_refused, predict_noise, read_json, read_metrics, read_prompts,
-                       remove_unfinished, remove_unstarted_run, resolve_lora, save_grid, save_lora, setup_distributed,
-                       size_problem, take, unet_lora_ranks)
+                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, file_problem,
+                       finite_float, holds_files, inject_lora, load_lora, load_optimizer_state, load_safetensors,
+                       lora_disabled, lora_layers, output_problem, path_errors_refused, predict_noise, read_json,
+                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora, save_grid,
+                       save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -560,6 +560,8 @@ def train(cfg, scorer=None, rank=0, world=1):
             position, global_step = tuple(progress["position"]), progress["global_step"]
             if main_rank:
                 print(f"resuming {out} from {ckpts[-1].name} (step {global_step})")
+        elif main_rank:  # it stopped before its first checkpoint
+            print(f"--resume: {out} holds no checkpoint yet: the run starts from the beginning")
     elif main_rank:
         if cfg.overwrite and out.exists():
             shutil.rmtree(out)
@@ -853,9 +855,8 @@ def validate(cfg):
     ]
     problems = [msg for ok, msg in checks if not ok] + [
         p for p in [size_problem(cfg.resolution, "--resolution"), device_problem(cfg.device)] if p]
-    if cfg.prompts and not Path(cfg.prompts).is_file():
-        problems.append(f"--prompts: {cfg.prompts} is a folder, not a prompt file" if Path(cfg.prompts).is_dir()
-                        else f"--prompts: no such file: {cfg.prompts}")
+    if cfg.prompts and (problem := file_problem(cfg.prompts, "--prompts")):
+        problems.append(problem)
     paths = [("--pretrained", cfg.pretrained), ("--vae", cfg.vae), ("--preference-model", cfg.preference_model),
              ("--preference-processor", cfg.preference_processor),
              ("--preference-checkpoint", cfg.preference_checkpoint)]

@@ -257,8 +257,9 @@ def test_cli_score_prints_one_score_per_image(capsys, tiny_spm, png_files):
     (["--timestep", "1000"], "[0, 999]"), (["--checkpoint", "nope.bin"], "no such file"),
     (["--base", "/no/such/clip"], "no such folder"), (["--image", "nope.png"], "no such file"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
-    (["--image", "n" * 300 + ".png"], "file name too long"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
+    (["--image", "n" * 300 + ".png"], "--image: no such file: nnnn"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
     (["--checkpoint="], "--checkpoint is empty"),  # it scored with the preset's SPM instead
+    (["--image", "/dev/null"], "/dev/null is not a regular file"),  # "no such file", of a file that is there
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, tiny_spm, png_files, extra, message):
     code = pm.main(["score", "--model", "tiny", "--prompt", "a red cat", "--image", png_files[0], *extra])
@@ -767,6 +768,15 @@ def test_resume_after_one_epoch_ends_bitwise_equal(tiny_run, tmp_path):
     assert (out / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
 
 
+def test_resume_of_a_run_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    spo.main(FAST + ["--epochs", "1", "--out", str(out)])
+    shutil.rmtree(out / "checkpoints")  # as a run stopped before its first checkpoint (or one whose were deleted)
+    capsys.readouterr()
+    spo.main(FAST + ["--epochs", "1", "--out", str(out), "--resume"])
+    assert f"--resume: {out} holds no checkpoint yet: the run starts from the beginning" in capsys.readouterr().out
+
+
 def test_resume_redoes_lost_work_and_truncates_metrics(tiny_run, tmp_path):
     """A run killed during epoch 1, after some of its metrics were written: resume from epoch 0's checkpoint."""
     out = tmp_path / "killed"
@@ -866,7 +876,7 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--out", "/proc"], "--out /proc cannot be written"),  # an existing folder that only a real write refuses
     # pathlib raises on these where os.path says "not there": they once ended in a traceback
     (["--init-lora", "n" * 300], "file name too long: nnnn"),
-    (["--prompts", "n" * 300 + ".json"], "file name too long: nnnn"),
+    (["--prompts", "n" * 300 + ".json"], "--prompts: no such file: nnnn"),
     (["--out", "n" * 250], "--out: the name nnnnnnnnnn"),  # with atomic_write's temporary name, over 255 bytes
     (["--init-lora", "~nosuchuser/lora.safetensors"], "--init-lora: no such file or folder: ~nosuchuser/lora"),
     (["--init-lora="], "--init-lora is empty"),  # `--init-lora=$LORA` with the variable unset: it trained from zero
@@ -1803,7 +1813,7 @@ def test_flags_naming_files_are_checked_before_any_model_loads(tmp_path, capsys,
         (["--init-lora", str(rank_8)], f"--init-lora {rank_8} has LoRA rank 8, this run uses --lora-rank 4"),
         (["--preference-checkpoint", str(tmp_path / "spm.bin")], "--preference-checkpoint: no such file or folder"),
         (["--preference-processor", "./nope"], "--preference-processor: no such file or folder: ./nope"),
-        (["--prompts", str(tmp_path)], f"--prompts: {tmp_path} is a folder, not a prompt file"),
+        (["--prompts", str(tmp_path)], f"--prompts: {tmp_path} is a folder, not a file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             spo.main(FAST + ["--out", str(tmp_path / "run")] + flags)
@@ -3107,6 +3117,8 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--out", "{out}/" + "n" * 240 + ".png"], "--out: the name nnnnnnnnnn"),  # found once the images were made
     (["--lora="], "--lora is empty"),  # `--lora=$LORA` with the variable unset made base-model images
     (["--vae="], "--vae is empty"),
+    (["--prompts", "/dev/null"], "--prompts: /dev/null is not a regular file"),
+    (["--prompts", "{bad}"], "is a folder, not a file"),
     (["--height", str(10**30)], "--height must be at most 16384 pixels"),
 ]
 
@@ -3131,6 +3143,11 @@ def test_export_webui_never_overwrites_a_file(tmp_path, capsys):
         sample.main(GOLDEN_RUN + ["--lora", str(lora), "--export-webui", str(lora)])
     assert exit_info.value.code == 2 and f"--export-webui {lora} exists" in capsys.readouterr().err
     assert lora.read_bytes() == (LORA / "pytorch_lora_weights.safetensors").read_bytes()
+    fifo = tmp_path / "fifo"  # anything already there, not only a file: a pipe was replaced in silence
+    os.mkfifo(fifo)
+    with pytest.raises(SystemExit):
+        sample.main(GOLDEN_RUN + ["--lora", str(lora), "--export-webui", str(fifo)])
+    assert f"--export-webui {fifo} exists" in capsys.readouterr().err and fifo.is_fifo()
 
 
 def test_images_with_nan_pixels_are_reported_not_passed_off_as_pictures(tmp_path, capsys):

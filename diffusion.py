@@ -1079,6 +1079,26 @@ def read_metrics(path):
     return records
 
 
+@contextlib.contextmanager
+def run_folder_lock(out):
+    """Inside, this process holds an exclusive lock on the run folder (made if need be): a second run into the same
+    --out (a --resume or --overwrite while the first still runs, or a twin started at once) stops with one line
+    instead of mixing its metrics and checkpoints with the first's. The lock is on the folder itself (flock, no
+    lock file), and the system drops it when the process ends, however it ends."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--out {out} is in use by another run that is still going") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def remove_unstarted_run(out, created):
     """What a fresh run wrote before its first checkpoint (validation found --out empty or absent): the folder if
     the run made it, else what is in it."""

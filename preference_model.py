@@ -38,8 +38,8 @@ from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pi
                        ddim_step, device_problem, file_problem, finite_float, first_line, holds_files,
                        load_optimizer_state, offline_if_hub_unreachable, output_problem, path_errors_refused,
                        predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished, remove_unstarted_run,
-                       resolve_file, seeded_weights, setup_distributed, size_problem, stop_together, take,
-                       write_tiny_tokenizer)
+                       resolve_file, run_folder_lock, seeded_weights, setup_distributed, size_problem, stop_together,
+                       take, write_tiny_tokenizer)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SPM is trained on DDPM steps t in [0, 999]
 MAX_BAD_STEPS = 10  # training stops after this many non-finite steps in a row, as spo.py's default
@@ -1084,7 +1084,7 @@ def main(argv=None):
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     fresh = False
     try:
-        with path_errors_refused():
+        with path_errors_refused(), contextlib.ExitStack() as held:
             args = parser.parse_args(argv)
             quiet_libraries()  # stderr keeps to one line per error
             if args.command == "score":
@@ -1094,7 +1094,10 @@ def main(argv=None):
             fill_defaults(args)  # every rank checks the same flags before any rank writes anything
             if args.command == "train":  # validation found --out empty or absent, unless resuming
                 out = Path(args.out)
-                created, fresh = not out.exists(), not args.resume and rank == 0
+                created = not out.exists()
+                if rank == 0:  # before this run reads or writes anything there
+                    held.enter_context(run_folder_lock(out))
+                fresh = not args.resume and rank == 0
             if world > 1:
                 dist.barrier()
             if args.command == "train":

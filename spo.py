@@ -42,8 +42,8 @@ from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, Argum
                        ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, file_problem,
                        finite_float, holds_files, inject_lora, load_lora, load_optimizer_state, load_safetensors,
                        lora_disabled, lora_layers, output_problem, path_errors_refused, predict_noise, read_json,
-                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora, save_grid,
-                       save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
+                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora,
+                       run_folder_lock, save_grid, save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -563,8 +563,8 @@ def train(cfg, scorer=None, rank=0, world=1):
         elif main_rank:  # it stopped before its first checkpoint
             print(f"--resume: {out} holds no checkpoint yet: the run starts from the beginning")
     elif main_rank:
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
+        for old in out.iterdir() if cfg.overwrite else []:  # the folder itself stays: it holds the run's lock
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if main_rank:
@@ -910,10 +910,12 @@ def main(argv=None):
     rank, world = setup_distributed()
     fresh = False
     try:
-        with path_errors_refused():
+        with path_errors_refused(), contextlib.ExitStack() as held:
             cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
             out = Path(cfg.out)
             created = not out.exists()
+            if rank == 0 and not cfg.benchmark:  # before this run reads, writes or deletes anything there
+                held.enter_context(run_folder_lock(out))
             fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out))
             if world > 1:
                 dist.barrier()

@@ -768,6 +768,24 @@ def test_resume_after_one_epoch_ends_bitwise_equal(tiny_run, tmp_path):
     assert (out / "metrics.jsonl").read_text() == (tiny_run / "metrics.jsonl").read_text()
 
 
+def test_a_run_folder_in_use_is_refused_to_a_second_run(tiny_run, tmp_path, capsys):
+    """A --resume or --overwrite while the first run still goes (its lock held here) stops before it reads, writes
+    or deletes anything there: two runs wrote interleaved metrics into one folder, and --overwrite deleted a live run."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with D.run_folder_lock(out):
+        for flags in (["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit) as exit_info:
+                spo.main(FAST + ["--out", str(out)] + flags)
+            err = capsys.readouterr().err.strip()
+            assert exit_info.value.code == 2 and err == f"error: --out {out} is in use by another run that is still going", err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "the running run's files must stay"
+    spo.main(FAST + ["--out", str(out), "--overwrite", "--epochs", "1"])  # once the first has ended, it may
+    lines = lambda run: (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines(out)) < len(lines(tiny_run)), "--overwrite should have replaced the old run (2 epochs by 1)"
+
+
 def test_resume_of_a_run_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
     out = tmp_path / "run"
     spo.main(FAST + ["--epochs", "1", "--out", str(out)])
@@ -3995,6 +4013,15 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(dataset, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_an_spm_run_folder_in_use_is_refused_to_a_second_run(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    with D.run_folder_lock(out):  # another train run, still going, made the folder and holds it
+        code = pm.main(["train", "--model", "tiny", "--data", str(dataset), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: --out {out} is in use by another run that is still going", err
+    assert out.is_dir() and not any(out.iterdir()), "the other run's folder must stay as it was"
 
 
 def test_train_accepts_each_flag_at_the_edge_of_its_range(tmp_path, capsys):

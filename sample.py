@@ -539,6 +539,10 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: every image already written is whole (atomic_write), none is half
+        print("\nstopped: the images written so far are complete; rerun with --overwrite to make them all again",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3168,6 +3168,26 @@ def test_export_webui_never_overwrites_a_file(tmp_path, capsys):
     assert f"--export-webui {fifo} exists" in capsys.readouterr().err and fifo.is_fifo()
 
 
+def test_ctrl_c_while_sampling_is_one_line_and_leaves_whole_images(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second batch: no traceback, exit 130 as a shell expects, and the first image is a whole PNG."""
+    from PIL import Image
+
+    calls, generate = [], sample.generate
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(sample, "generate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--batch-size", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 130 and err[-1].startswith("stopped: the images written so far are complete"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["000-a-red-cat-seed0.png"]
+    Image.open(tmp_path / "000-a-red-cat-seed0.png").load()
+
+
 def test_images_with_nan_pixels_are_reported_not_passed_off_as_pictures(tmp_path, capsys):
     """A guidance scale that overflows (or fp16 overflowing in a VAE) makes NaN pixels, which save as black."""
     sample.main(GOLDEN_RUN + ["--prompt", "a red cat", "--n", "2", "--cfg", "1e30", "--out", str(tmp_path)])

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -641,7 +642,7 @@ class Pipeline:
                     setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
                 except Exception as err:
                     raise cannot_load(sub, pretrained, err, "--pretrained") from None
-        if vae and not random_init:  # random-init builds the preset's VAE (for SDXL with the fp16-fix config)
+        if vae not in (None, "none") and not random_init:  # random-init builds the preset's VAE (SDXL: fp16-fix)
             offline_if_hub_unreachable(vae)
             try:
                 self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
@@ -655,10 +656,11 @@ class Pipeline:
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
         if not self.is_sdxl:  # diffusers' StableDiffusionPipeline, which the official SD1.5 code loads, corrects
-            # an outdated SD1.x scheduler config to steps_offset 1 and clip_sample off: so do we
-            config = dict(self.scheduler.config)
-            config.update({k: v for k, v in (("steps_offset", 1), ("clip_sample", False)) if k in config})
-            self.scheduler = type(self.scheduler).from_config(config)
+            # an outdated SD1.x scheduler config to steps_offset 1 and clip_sample off, in place: so do we
+            if getattr(self.scheduler.config, "steps_offset", 1) != 1:
+                self.scheduler.register_to_config(steps_offset=1)
+            if getattr(self.scheduler.config, "clip_sample", False) is True:
+                self.scheduler.register_to_config(clip_sample=False)
         # DDIM as the official code configures it: DDIMScheduler.from_config of the checkpoint's scheduler.
         ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         sched = ddim_scheduler.config
@@ -748,9 +750,10 @@ def build_once(name, build):
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # e.g. SPO_CACHE names a file
-        raise UserError(f"the model cache {final.parent} (set by SPO_CACHE) cannot be made: {err.strerror}") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    except OSError as err:  # e.g. SPO_CACHE names a file, or a folder we may not write
+        where = " (SPO_CACHE)" if os.environ.get("SPO_CACHE") else ""
+        raise UserError(f"the model cache {final.parent}{where} cannot be written: {err.strerror}") from None
     try:
         build(tmp)
         os.rename(tmp, final)  # atomic; fails if another process won the race
@@ -926,12 +929,12 @@ class UserError(Exception):
 
 
 # errno values of an OSError that a path the user gave causes (pathlib raises them where os.path says "not there")
-PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.EROFS)
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP)
 
 
 @contextlib.contextmanager
 def path_errors_refused():
-    """Inside, an OSError caused by a path (too long, not allowed, a file where a folder belongs, read-only) is a
+    """Inside, an OSError caused by a path (too long, not allowed, a file where a folder belongs, a link loop) is a
     UserError that names it: such a path fails wherever it is first looked at, in any of a dozen places."""
     try:
         yield
@@ -1004,10 +1007,15 @@ def output_problem(path, flag, is_file):
     if not str(path).strip():
         return f"{flag} is empty: name a {'file' if is_file else 'folder'}"
     path = Path(path)
-    # 255 bytes a name on Linux filesystems, and the temporary names of atomic_write add up to 12
-    if too_long := [part for part in path.parts if len(os.fsencode(part)) > 255 - 12]:
-        return f"{flag}: the name {too_long[0][:40]}... is too long (at most 243 bytes)"
+    # 255 bytes a name on Linux filesystems, and the temporary names of atomic_write add 12 to the last one
+    if any(len(os.fsencode(part)) > 255 for part in path.parts) or len(os.fsencode(path.name)) > 255 - 12:
+        return f"{flag} {str(path)[:60]}...: a name in it is too long (255 bytes at most, 243 for the last)"
     try:
+        try:
+            os.stat(path)  # a loop of links fails only here: Path.exists says "not there"
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return f"{flag} {path}: {err.strerror}"
         if path.is_symlink() and not path.exists():
             return f"{flag} {path} is a broken link"
         if is_file and path.is_dir():
@@ -1080,23 +1088,44 @@ def read_metrics(path):
 
 
 @contextlib.contextmanager
-def run_folder_lock(out):
-    """Inside, this process holds an exclusive lock on the run folder (made if need be): a second run into the same
-    --out (a --resume or --overwrite while the first still runs, or a twin started at once) stops with one line
-    instead of mixing its metrics and checkpoints with the first's. The lock is on the folder itself (flock, no
-    lock file), and the system drops it when the process ends, however it ends."""
+def run_folder_lock(out, rank=0, world=1):
+    """Inside, the run holds an exclusive lock on its folder (made if need be): a second run into the same --out (a
+    --resume or --overwrite while the first still runs, or a twin started at once) stops with one line instead of
+    mixing its metrics and checkpoints with the first's. Rank 0 holds it (flock on the folder itself, no lock file:
+    the system drops it when the process ends, however it ends), and every rank learns whether it got it, so that
+    all stop alike. A filesystem without such locks (some NFS mounts) runs without one, and says so."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
-    try:
+    fd, busy = None, False
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"--out {out} is in use by another run that is still going") from None
+            busy = True
+        except OSError as err:
+            print(f"note: --out {out} cannot be locked ({err.strerror}): a second run into it would not be stopped",
+                  file=sys.stderr)
+    try:
+        if any(all_ranks_sum([busy], world)):
+            raise UserError(f"--out {out} is in use by another run that is still going")
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def cleared_if_it_fails(out, created):
+    """Inside, a fresh run (validation found --out empty or absent; created: this run made it). If it fails before
+    its first checkpoint (bad data found once read, memory that runs out, Ctrl-C), what it wrote goes, so that the
+    same command can run again."""
+    try:
+        yield
+    except BaseException:
+        remove_unstarted_run(out, created)
+        raise
 
 
 def remove_unstarted_run(out, created):
@@ -1116,14 +1145,15 @@ def remove_unstarted_run(out, created):
 
 def file_problem(path, flag):
     """Why `path` is no file to read, or None. A folder, pipe or device is none (a pipe reads only once)."""
-    full = os.path.expanduser(path)
-    if os.path.isfile(full):
-        return None
-    if os.path.isdir(full):
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except OSError as err:  # not there (a broken link neither), not allowed, too long
+        return f"{flag}: no such file: {path}" if err.errno == errno.ENOENT else f"{flag}: {path}: {err.strerror}"
+    if stat.S_ISDIR(mode):
         return f"{flag}: {path} is a folder, not a file"
-    if os.path.lexists(full):
-        return f"{flag}: {path} is not a regular file (a pipe, a device or a broken link): save it to a file"
-    return f"{flag}: no such file: {path}"
+    if not stat.S_ISREG(mode):
+        return f"{flag}: {path} is not a regular file (a pipe or a device): save it to a file"
+    return None
 
 
 def read_prompts(path, flag):

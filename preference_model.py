@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
-                       ddim_step, device_problem, file_problem, finite_float, first_line, holds_files,
-                       load_optimizer_state, offline_if_hub_unreachable, output_problem, path_errors_refused,
-                       predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished, remove_unstarted_run,
+                       cleared_if_it_fails, ddim_step, device_problem, file_problem, finite_float, first_line,
+                       holds_files, load_optimizer_state, offline_if_hub_unreachable, output_problem,
+                       path_errors_refused, predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished,
                        resolve_file, run_folder_lock, seeded_weights, setup_distributed, size_problem, stop_together,
                        take, write_tiny_tokenizer)
 
@@ -1052,7 +1052,8 @@ def main(argv=None):
         p.add_argument("--data", required=True, help="folder of train-*/validation_unique-*.parquet, or a hub id")
         p.add_argument("--model", choices=list(PRESETS), default="sd15", help="preset that supplies the defaults")
         p.add_argument("--pretrained", help="SD model for the noisy x0-predictions: hub id or folder")
-        p.add_argument("--vae", help="another VAE (hub id or folder) for the SD model; default from the preset")
+        p.add_argument("--vae", help="another VAE (hub id or folder) for the SD model, none for its own; default from "
+                       "the preset")
         p.add_argument("--base", help="the SPM's CLIP (default: the preset's PickScore)")
         p.add_argument("--processor", help="the SPM's tokenizer + image settings (default: the preset's)")
         p.add_argument("--resolution", type=int, help="SD resolution the images are resized to (default: preset)")
@@ -1082,7 +1083,6 @@ def main(argv=None):
                        help="log-rate warmup steps, then linear decay" + per_model("warmup_steps"))
     train.add_argument("--max-grad-norm", type=finite_float, default=1.0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    fresh = False
     try:
         with path_errors_refused(), contextlib.ExitStack() as held:
             args = parser.parse_args(argv)
@@ -1095,9 +1095,9 @@ def main(argv=None):
             if args.command == "train":  # validation found --out empty or absent, unless resuming
                 out = Path(args.out)
                 created = not out.exists()
-                if rank == 0:  # before this run reads or writes anything there
-                    held.enter_context(run_folder_lock(out))
-                fresh = not args.resume and rank == 0
+                held.enter_context(run_folder_lock(out, rank, world))  # before this run reads or writes there
+                if not args.resume and rank == 0:  # bad data shows only once read
+                    held.enter_context(cleared_if_it_fails(out, created))
             if world > 1:
                 dist.barrier()
             if args.command == "train":
@@ -1105,17 +1105,11 @@ def main(argv=None):
             else:
                 eval_command(args, rank, world)
     except UserError as err:
-        if fresh:  # bad data shows only once read: a run with no checkpoint yet goes, so the command can rerun
-            remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except BaseException:  # a crash (out of memory, say) before the first checkpoint: nothing to resume, so a rerun
-        if fresh:  # of the same command must not find the run folder taken
-            remove_unstarted_run(out, created)
-        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

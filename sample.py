@@ -395,7 +395,8 @@ def parse_args(argv=None):
     add("--prompts", help="a file of prompts: one a line, or a JSON list of strings or of {\"caption\": ...}")
     add("--model", choices=list(SAMPLING), default="sd15", help="preset: base model and defaults (sd15)")
     add("--pretrained", help="hub id or diffusers folder, e.g. a merged SPO checkpoint (default: the preset's)")
-    add("--vae", help="another VAE, hub id or folder (default: the preset's; sdxl: the fp16-fix VAE)")
+    add("--vae", help="another VAE, hub id or folder, or none for the checkpoint's own (default: the preset's; sdxl: "
+                      "the fp16-fix VAE)")
     add("--lora", help="a .safetensors file, a folder holding one, or a hub repo, in any layout: ours/official "
                        "(unet.*.lora.down/up), PEFT (lora_A/lora_B), webui/kohya (lora_unet_*, .alpha)")
     add("--lora-scale", type=finite_float, default=1.0,
@@ -540,7 +541,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: every image already written is whole (atomic_write), none is half
-        print("\nstopped: the images written so far are complete; rerun with --overwrite to make them all again",
+        print("stopped: the images written so far are complete; rerun with --overwrite to make them all again",
               file=sys.stderr)
         sys.exit(130)
 

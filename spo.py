@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
                        TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
-                       ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem, file_problem,
-                       finite_float, holds_files, inject_lora, load_lora, load_optimizer_state, load_safetensors,
-                       lora_disabled, lora_layers, output_problem, path_errors_refused, predict_noise, read_json,
-                       read_metrics, read_prompts, remove_unfinished, remove_unstarted_run, resolve_lora,
-                       run_folder_lock, save_grid, save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
+                       cleared_if_it_fails, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem,
+                       file_problem, finite_float, holds_files, inject_lora, load_lora, load_optimizer_state,
+                       load_safetensors, lora_disabled, lora_layers, output_problem, path_errors_refused, predict_noise,
+                       read_json, read_metrics, read_prompts, remove_unfinished, resolve_lora, run_folder_lock,
+                       save_grid, save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ from preference_model import PREFERENCE_FLAGS, load_preference_model
 class Config:
     model: str = "sd15"  # sd15 | sdxl | tiny | tiny-sdxl: picks the preset below
     pretrained: str = None  # hub id or local diffusers folder; default from the preset
-    vae: str = None  # another VAE (hub id or folder) in place of the pipeline's; default from the preset
+    vae: str = None  # another VAE (hub id or folder) in place of the pipeline's, none for its own; default: preset
     prompts: str = None  # JSON list of {"caption": ...} or a text file, one prompt a line
     out: str = "runs/spo"  # run folder: LoRA, config.json, metrics.jsonl, checkpoints/, samples/
     resume: bool = False  # continue the run in --out from its newest checkpoint
@@ -486,7 +486,9 @@ def setup_models(cfg, scorer=None, world=1):
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official run (cuDNN's convolutions use TF32 by default)
 
     pipe = Pipeline(cfg.pretrained, device, dtype, random_init=cfg.model if cfg.random_init else None, vae=cfg.vae)
-    if pipe.steps_offset == 0:  # only an SDXL config keeps it (Pipeline corrects SD1.x ones, as diffusers does)
+    # steps_offset 0 (an SDXL config, or an SD1.x one that leaves it out): the last step goes from t = 0 to 0 with no
+    # noise. As a pool of its own its members tie and make no pair; as an inner step its pairs have no likelihood.
+    if pipe.steps_offset == 0 and cfg.steps - 1 not in pool_steps(cfg):
         raise UserError(f"--pretrained {cfg.pretrained}: its scheduler's steps_offset 0 makes the last DDIM step go "
                         "from t = 0 to t = 0 without noise, so its pairs have no likelihood: set steps_offset 1")
     torch.manual_seed(cfg.seed)  # the LoRA init, the same on every rank
@@ -908,15 +910,15 @@ def is_spo_run(folder):
 
 def main(argv=None):
     rank, world = setup_distributed()
-    fresh = False
     try:
         with path_errors_refused(), contextlib.ExitStack() as held:
             cfg = parse_args(argv)  # every rank checks the same flags before any rank writes anything
             out = Path(cfg.out)
             created = not out.exists()
-            if rank == 0 and not cfg.benchmark:  # before this run reads, writes or deletes anything there
-                held.enter_context(run_folder_lock(out))
-            fresh = not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out))
+            if not cfg.benchmark:  # before this run reads, writes or deletes anything there
+                held.enter_context(run_folder_lock(out, rank, world))
+            if not (cfg.benchmark or cfg.resume) and rank == 0 and (created or not holds_files(out)):
+                held.enter_context(cleared_if_it_fails(out, created))  # inside the lock
             if world > 1:
                 dist.barrier()
             if cfg.benchmark:
@@ -924,17 +926,11 @@ def main(argv=None):
             else:
                 train(cfg, rank=rank, world=world)
     except UserError as err:
-        if fresh:  # e.g. a checkpoint that fails once sampled: no checkpoint yet, so remove the run for a rerun
-            remove_unstarted_run(out, created)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingAborted as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except BaseException:  # a crash (out of memory, say) before the first checkpoint: nothing to resume, so a rerun
-        if fresh:  # of the same command must not find the run folder taken
-            remove_unstarted_run(out, created)
-        raise
     finally:
         if world > 1:
             dist.destroy_process_group()

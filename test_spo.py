@@ -257,7 +257,7 @@ def test_cli_score_prints_one_score_per_image(capsys, tiny_spm, png_files):
     (["--timestep", "1000"], "[0, 999]"), (["--checkpoint", "nope.bin"], "no such file"),
     (["--base", "/no/such/clip"], "no such folder"), (["--image", "nope.png"], "no such file"),
     (["--device", "tpu"], "--device must be cpu or cuda[:N], got tpu"),
-    (["--image", "n" * 300 + ".png"], "--image: no such file: nnnn"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
+    (["--image", "n" * 300 + ".png"], "File name too long"), (["--checkpoint", "~nosuchuser/spm.bin"], "no such file"),
     (["--checkpoint="], "--checkpoint is empty"),  # it scored with the preset's SPM instead
     (["--image", "/dev/null"], "/dev/null is not a regular file"),  # "no such file", of a file that is there
 ])
@@ -894,8 +894,8 @@ BAD_RUNS = [  # (flags, a piece of the one-line message)
     (["--out", "/proc"], "--out /proc cannot be written"),  # an existing folder that only a real write refuses
     # pathlib raises on these where os.path says "not there": they once ended in a traceback
     (["--init-lora", "n" * 300], "file name too long: nnnn"),
-    (["--prompts", "n" * 300 + ".json"], "--prompts: no such file: nnnn"),
-    (["--out", "n" * 250], "--out: the name nnnnnnnnnn"),  # with atomic_write's temporary name, over 255 bytes
+    (["--prompts", "n" * 300 + ".json"], "nnnnnnnn.json: File name too long"),
+    (["--out", "n" * 250], "a name in it is too long"),  # with atomic_write's temporary name, over 255 bytes
     (["--init-lora", "~nosuchuser/lora.safetensors"], "--init-lora: no such file or folder: ~nosuchuser/lora"),
     (["--init-lora="], "--init-lora is empty"),  # `--init-lora=$LORA` with the variable unset: it trained from zero
     (["--resolution", "800000"], "--resolution must be at most 16384 pixels"),  # 10 TB asked of the allocator
@@ -1013,8 +1013,8 @@ def test_a_model_cache_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_info:
         spo.main(FAST + ["--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err == f"error: the model cache {tmp_path / 'file'} (set by SPO_CACHE) " \
-        "cannot be made: File exists", err
+    assert exit_info.value.code == 2 and err == f"error: the model cache {tmp_path / 'file'} (SPO_CACHE) " \
+        "cannot be written: File exists", err
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("SPO_CACHE", "")  # set but empty: the default, not the current folder
     assert D.cache_dir() == Path.home() / ".cache" / "spo"
@@ -2315,6 +2315,21 @@ def test_world_size_1_equals_the_single_process_run(tmp_path):
     assert_same_run(tmp_path / "single", tmp_path / "world1")
 
 
+def test_a_run_folder_in_use_stops_every_rank_with_the_same_line(ddp_run, tmp_path):
+    """Rank 0 holds the lock; had only it stopped, rank 1 would die in the barrier with a dead-peer traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(ddp_run, out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "spo.py", *DDP_ARGS,
+           "--out", str(out), "--resume"]
+    with D.run_folder_lock(out):
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    output = proc.stdout
+    line = f"error: --out {out} is in use by another run that is still going"
+    codes = re.findall(r"exitcode: (-?\d+)", output)  # torchrun's report of each failed rank
+    assert output.count(line) == 2 and codes and set(codes) == {"2"}, output[-3000:]
+
+
 def test_sigterm_to_one_rank_stops_all_and_resume_under_torchrun_is_exact(ddp_run, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(tmp_path, 2, DDP_ARGS + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -2484,11 +2499,30 @@ def test_an_outdated_sd1_scheduler_config_is_corrected_as_diffusers_pipeline_doe
     path = sdxl / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), steps_offset=0)))
     out = tmp_path / "run"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         spo.main(["--model", "tiny-sdxl", "--pretrained", str(sdxl), "--out", str(out)])
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and err.startswith("error: ") and "steps_offset 0" in err, err
     assert not out.exists(), "a refused run must leave nothing"
+
+
+def test_a_scheduler_config_that_leaves_out_steps_offset_reads_as_diffusers_pipeline_reads_it(tmp_path):
+    """A config file without steps_offset gets the class default, 0, which the pipeline corrects to 1 in place; a
+    DDIMScheduler.from_config of the corrected config then takes the default again, as in the official
+    train_spo.py. Both our schedulers must follow."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = with_released_scheduler("tiny", tmp_path / "pipe")
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in config.items() if k != "steps_offset"}))
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    settings = lambda config: {k: v for k, v in config.items() if k != "_diffusers_version"}
+    ours = D.Pipeline(str(folder), ddim=False).scheduler.config  # --scheduler checkpoint
+    assert settings(ours) == settings(ref.scheduler.config)
+    assert ref.scheduler.config.steps_offset == 1
+    assert D.Pipeline(str(folder)).steps_offset == DDIMScheduler.from_config(ref.scheduler.config).config.steps_offset
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -3132,7 +3166,7 @@ BAD_SAMPLES = [  # (flags after GOLDEN_RUN --prompt ..., a piece of the one-line
     (["--pretrained", "/nonexistent/sd"], "--pretrained: no such file or folder: /nonexistent/sd"),
     (["--pretrained", "~nosuchuser/sd"], "--pretrained: no such file or folder: ~nosuchuser/sd"),  # a traceback once
     (["--lora", "n" * 300], "file name too long: nnnn"),
-    (["--out", "{out}/" + "n" * 240 + ".png"], "--out: the name nnnnnnnnnn"),  # found once the images were made
+    (["--out", "{out}/" + "n" * 240 + ".png"], "a name in it is too long"),  # found once the images were made
     (["--lora="], "--lora is empty"),  # `--lora=$LORA` with the variable unset made base-model images
     (["--vae="], "--vae is empty"),
     (["--prompts", "/dev/null"], "--prompts: /dev/null is not a regular file"),

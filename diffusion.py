@@ -941,7 +941,8 @@ def path_errors_refused():
     except OSError as err:
         if err.errno not in PATH_ERRNOS or err.filename is None:
             raise
-        raise UserError(f"{err.strerror[0].lower()}{err.strerror[1:]}: {err.filename}") from None
+        reason = err.strerror or os.strerror(err.errno)
+        raise UserError(f"{reason[0].lower()}{reason[1:]}: {err.filename}") from None
 
 
 class TrainingAborted(Exception):

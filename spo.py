@@ -288,9 +288,9 @@ def pair_log_probs(pipe, policy, reference, pairs, uncond_1, cfg):
     own = own_parent(pairs).nonzero()[:, 0]  # (n_own,): such losers
     x_t = torch.cat([pairs["x_t"], pairs["x_t_lose"][own]])  # (n + n_own, c, h, w): the UNet's input rows
     rows = torch.cat([torch.arange(n, device=own.device), own])  # (n + n_own,): the pair behind each row
+    # e.g. n = 3 pairs, own = [1]: rows [0, 1, 2, 1], lose_row [0, 3, 2]
     lose_row = torch.arange(n, device=own.device)  # (n,): the row each loser steps from; winners use rows :n
-    lose_row[own] = torch.arange(n, len(rows), device=own.device)  # e.g. n = 3, own = [1]: rows [0, 1, 2, 1],
-    # lose_row [0, 3, 2]
+    lose_row[own] = torch.arange(n, len(rows), device=own.device)
     t, cond = pairs["t"][rows], {k: pairs[k][rows] for k in COND_KEYS if k in pairs}
     uncond = take(uncond_1, torch.zeros_like(rows))
     step_ratio = pipe.num_train_timesteps // cfg.steps
@@ -566,7 +566,10 @@ def train(cfg, scorer=None, rank=0, world=1):
             print(f"--resume: {out} holds no checkpoint yet: the run starts from the beginning")
     elif main_rank:
         for old in out.iterdir() if cfg.overwrite else []:  # the folder itself stays: it holds the run's lock
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if main_rank:

@@ -1020,6 +1020,14 @@ def test_a_model_cache_that_cannot_be_made_is_one_line(tmp_path, monkeypatch, ca
     assert D.cache_dir() == Path.home() / ".cache" / "spo"
 
 
+def test_vae_none_keeps_the_checkpoints_own_vae():
+    """--vae none: the pipeline folder's own VAE (for SDXL, in place of the preset's fp16-fix one); an empty --vae,
+    which once meant this by accident, is refused as a missing value."""
+    own, kept = D.Pipeline("tiny").vae.state_dict(), D.Pipeline("tiny", vae="none").vae.state_dict()
+    assert own.keys() == kept.keys() and all(torch.equal(own[k], kept[k]) for k in own)
+    assert spo.parse_args(["--model", "tiny", "--vae", "none"]).vae == "none"
+
+
 def test_empty_text_is_text_and_not_a_missing_value(tmp_path):
     args = sample.parse_args(["--model", "tiny", "--prompt", "", "--negative-prompt=", "--out", str(tmp_path / "o")])
     assert args.prompt == [""] and args.negative_prompt == ""

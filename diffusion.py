@@ -1121,9 +1121,11 @@ def run_folder_lock(out, rank=0, world=1):
 def cleared_if_it_fails(out, created):
     """Inside, a fresh run (validation found --out empty or absent; created: this run made it). If it fails before
     its first checkpoint (bad data found once read, memory that runs out, Ctrl-C), what it wrote goes, so that the
-    same command can run again."""
+    same command can run again. A run stopped by non-finite steps keeps its metrics: they show what went wrong."""
     try:
         yield
+    except TrainingAborted:
+        raise
     except BaseException:
         remove_unstarted_run(out, created)
         raise

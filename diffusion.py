@@ -1012,11 +1012,8 @@ def output_problem(path, flag, is_file):
     if any(len(os.fsencode(part)) > 255 for part in path.parts) or len(os.fsencode(path.name)) > 255 - 12:
         return f"{flag} {str(path)[:60]}...: a name in it is too long (255 bytes at most, 243 for the last)"
     try:
-        try:
-            os.stat(path)  # a loop of links fails only here: Path.exists says "not there"
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                return f"{flag} {path}: {err.strerror}"
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # those are for the checks below
+            os.stat(path)  # a loop of links fails only here (named by the except below): Path.exists says "not there"
         if path.is_symlink() and not path.exists():
             return f"{flag} {path} is a broken link"
         if is_file and path.is_dir():

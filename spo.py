@@ -419,8 +419,11 @@ CHANGEABLE_ON_RESUME = ("prompts", "out", "resume", "overwrite", "epochs", "devi
 
 
 def checkpoint_dirs(out):
-    # atomic_folder's unfinished ones start with "."; versions before it left "...tmp" names
-    return sorted(d for d in (out / "checkpoints").glob("epoch-*") if not d.name.endswith(".tmp"))
+    # atomic_folder's unfinished ones start with "."; versions before it left "...tmp" names. listdir, not glob: a
+    # folder we may not read must raise, not look empty (--resume would start over and drop the metrics logged)
+    folder = out / "checkpoints"
+    names = os.listdir(folder) if folder.is_dir() else []
+    return sorted(folder / name for name in names if name.startswith("epoch-") and not name.endswith(".tmp"))
 
 
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending, keep, grads):
@@ -890,6 +893,8 @@ def validate(cfg):
             problems.append(f"--resume: {out} is not a spo.py run (its config.json holds no spo.py settings)")
         except UserError as err:
             problems.append(str(err))
+    elif cfg.resume:
+        checkpoint_dirs(out)  # a checkpoints folder we may not read is refused now (as a path error), not started over
     if not cfg.resume and out.is_dir() and holds_files(out):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "

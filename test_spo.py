@@ -795,6 +795,24 @@ def test_resume_of_a_run_without_a_checkpoint_says_it_starts_over(tmp_path, caps
     assert f"--resume: {out} holds no checkpoint yet: the run starts from the beginning" in capsys.readouterr().out
 
 
+def test_resume_with_an_unreadable_checkpoints_folder_is_refused(tiny_run, tmp_path):
+    """glob reads a folder we may not read as empty: --resume started over and dropped the metrics logged. Root
+    passes permission checks, so the run drops those capabilities (setpriv)."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    metrics, checkpoints = (out / "metrics.jsonl").read_text(), spo.checkpoint_dirs(out)
+    (out / "checkpoints").chmod(0)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+    try:
+        result = subprocess.run((drop if os.geteuid() == 0 else []) + [sys.executable, "spo.py"] + FAST + [
+            "--out", str(out), "--resume"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    finally:
+        (out / "checkpoints").chmod(0o700)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: permission denied: {out / 'checkpoints'}", result.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics and spo.checkpoint_dirs(out) == checkpoints
+
+
 def test_resume_redoes_lost_work_and_truncates_metrics(tiny_run, tmp_path):
     """A run killed during epoch 1, after some of its metrics were written: resume from epoch 0's checkpoint."""
     out = tmp_path / "killed"

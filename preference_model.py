@@ -12,7 +12,7 @@ to a random t (train), and measures its accuracy at fixed t (eval).
 
     python preference_model.py score --prompt "a red cat" --image a.png --image b.png --timestep 0
     python preference_model.py score --model tiny --prompt "a red cat" --image a.png  # offline
-    python preference_model.py train --data pickapic_v1 --out runs/spm     # needs the pyarrow extra
+    python preference_model.py train --data pickapic_v1 --out runs/spm     # a local copy; needs the pyarrow extra
     python preference_model.py eval --data pickapic_v1 --checkpoint runs/spm/spm.safetensors
 """
 import contextlib
@@ -64,7 +64,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         # Always in fp32, autocast or not (in_own_dtype keeps these weights fp32 too): in bf16, t = 951 would round
-        # to 952 before the sin/cos ever see it, and neighbouring steps would share one embedding.
+        # to 952 before the sin/cos ever see it, and neighbouring steps would share one embedding. The official
+        # code casts t to the pixels' dtype, which is the same for its fp32 judge and differs only in 16-bit ones.
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (b, 128)
@@ -103,6 +104,7 @@ def init_time_conditioning(clip):
 
 
 def modulate(x, shift, scale):
+    """DiT's adaLN modulation (Peebles and Xie 2023): scale and shift a normalised feature by the step's."""
     return x * (1 + scale) + shift
 
 
@@ -295,7 +297,7 @@ def load_preference_model(kind, base, processor, checkpoint, device="cpu", dtype
 
     with tempfile.TemporaryDirectory() as folder:  # the tokenizer is read into memory
         tokenizer = write_tiny_tokenizer(folder, pad_token="!", max_length=77)
-    with torch.device(device), seeded_weights(device):  # the time conditioning's MLP too
+    with torch.device(device), seeded_weights(device):  # seeded, so CLIP's and the t-MLP's random start repeat
         model = classes[kind](CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE)), tokenizer, 224, OPENAI_CLIP_MEAN,
                               OPENAI_CLIP_STD)
     return in_own_dtype(model.requires_grad_(False).eval(), device, dtype)
@@ -318,7 +320,7 @@ class PickScoreOnImages:
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        """PIL images, and one prompt for all of them or one each -> (b,) scores."""
+        """PIL images, and a list of one prompt for all of them or of one each -> (b,) scores."""
         clip, tok, device = self.model.model, self.model.tokenizer, self.model.device
         # their tokenizer call (padding to the longest, with the attention mask), not our fixed-length one
         text = tok(list(prompts), padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
@@ -404,7 +406,7 @@ def build_tiny_spm(folder):
         clip = CLIPModel(config)
         clip.save_pretrained(Path(folder) / "model")
         spm = StepAwarePreferenceModel(clip, tokenizer, 32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        with torch.no_grad():  # as the golden model: perturb the time conditioning away from the identity
+        with torch.no_grad():  # as the golden model's 0.3 * N(0, 1) on the time conditioning: not the identity
             for name, p in spm.named_parameters():
                 if "adaLN_modulation" in name or "t_embedder" in name:
                     p.add_(0.3 * torch.randn_like(p))
@@ -466,7 +468,7 @@ def row_groups(shards):
 def pil_to_tensor(image):
     """A PIL image -> (3, H, W) float in [-1, 1]."""
     x = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
-    return x.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+    return x.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1  # (H, W, 3) -> (3, H, W)
 
 
 def open_image(value, where):
@@ -646,9 +648,9 @@ def training_pixels(model, images):
 
 def pair_scores(model, images_0, images_1, input_ids, t):
     """(scores_0, scores_1), each (b,): both images against their captions at t, in one SPM image pass."""
-    text_features = model.encode_text(input_ids).repeat(2, 1)
-    pixels = training_pixels(model, torch.cat([images_0, images_1]))
-    return model.score_pixels(pixels, torch.cat([t, t]), text_features).chunk(2)
+    text_features = model.encode_text(input_ids).repeat(2, 1)  # (b, proj) -> (2b, proj): once per image
+    pixels = training_pixels(model, torch.cat([images_0, images_1]))  # (2b, 3, S, S): the images_0, then images_1
+    return model.score_pixels(pixels, torch.cat([t, t]), text_features).chunk(2)  # (2b,) -> two (b,)
 
 
 class PairScores(nn.Module):
@@ -668,6 +670,7 @@ def preference_loss(scores_0, scores_1, label_0, label_1, num_per_prompt):
     tie costs 0 instead of log 2. Each pair is weighted by w = 1 / (pairs of its prompt), so busy prompts do not
     dominate. Returns (sum of w * loss, sum of w): the loss is their ratio over ALL the pairs of an update, since
     the reference all-gathers every GPU's pairs before it normalises the weights."""
+    # in fp32: the reference's DeepSpeed bf16 run had bf16 scores (logit_scale.exp() about 98.9 there, not 100)
     log_p = torch.stack([scores_0, scores_1], dim=-1).float().log_softmax(dim=-1)  # (b, 2)
     loss = -(label_0 * log_p[:, 0] + label_1 * log_p[:, 1]) + (label_0 == label_1) * math.log(0.5)
     weight = 1 / num_per_prompt
@@ -679,7 +682,8 @@ def lr_factor(step, warmup, total):
     0.12.3 WarmupDecayLR sets it: a *logarithmic* warmup log(i + 1) / log(warmup) over iterations i < warmup (its
     default warmup_type), then linear decay (total - i) / (total - warmup) towards 0. The scheduler steps after
     each update, so update k >= 1 runs at iteration i = k - 1; update 0 runs at the optimizer's own lr, as that
-    version sets none before its first step (later ones start at the minimum, 0)."""
+    version sets none before its first step (later ones start at the minimum, 0). total is --max-steps: the
+    reference passes max_steps * world_size, which accelerate divides by the number of processes again."""
     warmup = max(2, warmup)  # as DeepSpeed
     if step == 0:
         return 1.0
@@ -895,7 +899,9 @@ def train_command(args, rank=0, world=1):
             scaler.unscale_(optimizer)
             # DDP averaged the ranks' sums of w * gradient / pairs; the reference's loss is sum(w * loss) / sum(w)
             # over the pairs of every rank and micro-batch (one all-gathered batch): times world * pairs / sum(w).
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], world * pairs / weight_sum)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(world * pairs / weight_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             record = dict(step=step + 1, loss=loss_sum / weight_sum, lr=lr, grad_norm=grad_norm)
             if math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced

@@ -765,6 +765,31 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
             shutil.rmtree(old)
 
 
+def training_checkpoints(out):
+    """checkpoints/step-N, oldest first ("step-N" only: no half-written ones). listdir, not glob: a folder we may
+    not read must raise, not look empty (--resume would start over and drop the metrics logged)."""
+    folder = out / "checkpoints"
+    found = [folder / name for name in (os.listdir(folder) if folder.is_dir() else [])
+             if name.startswith("step-") and name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda d: int(d.name.removeprefix("step-")))
+
+
+def resume_training(out, model, optimizer, scaler, device, world):
+    """--resume: the newest checkpoint into the SPM, AdamW and GradScaler (every rank loads the same one). Returns
+    its progress, {} when the run stopped before its first checkpoint."""
+    ckpts = training_checkpoints(out)
+    if not ckpts:
+        return {}
+    progress = read_json(ckpts[-1] / "progress.json", "--resume")
+    if not all(isinstance(progress.get(k), int) and progress[k] >= 0 for k in ("step", "micro")):
+        raise UserError(f"--resume: {ckpts[-1]}/progress.json lacks its step and micro-batch counts")
+    if progress.get("world_size", 1) != world:
+        raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
+    load_checkpoint(model, ckpts[-1] / "spm.safetensors", "--resume")
+    load_optimizer_state(ckpts[-1] / "optimizer.pt", optimizer, scaler, device)
+    return progress
+
+
 def train_command(args, rank=0, world=1):
     """Train on one rank of `world` (torchrun): each rank reads its own share of the pairs (read_rows), the
     gradients are all-reduced over ranks (DDP) on the last micro-batch of each accumulation group and rescaled to
@@ -801,20 +826,11 @@ def train_command(args, rank=0, world=1):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # the SPM's precision
 
-    step, micro, progress = 0, 0, {}  # optimizer steps, micro-batches consumed (by each rank)
-    ckpts = sorted((d for d in (out / "checkpoints").glob("step-*") if d.name.removeprefix("step-").isdigit()),
-                   key=lambda d: int(d.name.removeprefix("step-")))  # "step-N" only: no half-written ones
-    if args.resume and ckpts:  # every rank loads the same newest checkpoint
-        progress = read_json(ckpts[-1] / "progress.json", "--resume")
-        if not all(isinstance(progress.get(k), int) and progress[k] >= 0 for k in ("step", "micro")):
-            raise UserError(f"--resume: {ckpts[-1]}/progress.json lacks its step and micro-batch counts")
-        if progress.get("world_size", 1) != world:
-            raise UserError(f"--resume: the run in {out} used {progress.get('world_size', 1)} ranks, not {world}")
-        load_checkpoint(model, ckpts[-1] / "spm.safetensors", "--resume")
-        load_optimizer_state(ckpts[-1] / "optimizer.pt", optimizer, scaler, device)
-        step, micro = progress["step"], progress["micro"]
-        if main_rank:
-            print(f"resuming {out} at step {step}")
+    progress = resume_training(out, model, optimizer, scaler, device, world) if args.resume else {}
+    step, micro = progress.get("step", 0), progress.get("micro", 0)  # optimizer steps, micro-batches (each rank's)
+    if args.resume and main_rank:
+        print(f"resuming {out} at step {step}" if progress else
+              f"--resume: {out} holds no checkpoint yet: the run starts from the beginning")
     metrics_path = out / "metrics.jsonl"
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
@@ -1024,7 +1040,9 @@ def fill_defaults(args):
             problems.append(problem)
         elif args.resume and not (out / "config.json").is_file():
             problems.append(f"--resume: {out} holds no run to resume (no config.json)")
-        elif not args.resume and out.is_dir() and holds_files(out):
+        elif args.resume:
+            training_checkpoints(out)  # a checkpoints folder we may not read is refused now (as a path error)
+        elif out.is_dir() and holds_files(out):
             problems.append(f"--out {out} already holds files: pass --resume to continue that run")
     if problems:
         raise UserError("; ".join(problems))

@@ -3734,6 +3734,32 @@ def test_resume_refuses_other_settings_and_another_world_size(dataset, identity_
     assert [r["step"] for r in records(out)] == [0, 1, 1], "a refused resume must leave the run as it was"
 
 
+def test_an_spm_resume_with_an_unreadable_checkpoints_folder_is_refused(dataset, identity_sd, tmp_path, capsys):
+    """As spo.py's: glob read a folder we may not read as empty, and --resume started over, dropping the metrics.
+    Root passes permission checks, so the run drops those capabilities (setpriv)."""
+    out = tmp_path / "run"
+    flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
+             "--batch-size", "2", "--eval-timesteps", "0", "--out", str(out), "--max-steps", "1"]
+    assert pm.main(flags) == 0
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "checkpoints").chmod(0)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+    try:
+        result = subprocess.run((drop if os.geteuid() == 0 else []) + [
+            sys.executable, "preference_model.py", *flags, "--resume"], capture_output=True, text=True,
+            cwd=Path(__file__).parent)
+    finally:
+        (out / "checkpoints").chmod(0o700)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: permission denied: {out / 'checkpoints'}", result.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics and pm.training_checkpoints(out) == [
+        out / "checkpoints" / "step-1"]
+    shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint starts over, and says so
+    capsys.readouterr()
+    assert pm.main(flags + ["--resume"]) == 0
+    assert f"--resume: {out} holds no checkpoint yet: the run starts from the beginning" in capsys.readouterr().out
+
+
 def test_a_moved_run_resumes_with_another_eval_every(dataset, identity_sd, tmp_path):
     """--out and --eval-every are not settings of the run: a moved run resumes in its new folder, with a new one."""
     flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),

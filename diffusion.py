@@ -70,9 +70,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projectio
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * up(down(x)). The frozen base Linear is kept untouched, so switching the
-    branch off gives back the base model exactly: that is how spo.py gets its frozen reference, unless training
-    started from a LoRA (--init-lora: spo.as_reference copies that LoRA's weights in)."""
+    """y = W x + scale * up(down(x)), scale = alpha / r (apply_lora may weight it). The frozen base Linear is kept
+    untouched, so switching the branch off gives back the base model exactly: that is how spo.py gets its frozen
+    reference, unless training started from a LoRA (--init-lora: spo.as_reference copies that LoRA's weights in)."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -421,9 +421,8 @@ def lora_modules(tensors, declared, unet):
         down, up = p["down"], p["up"]
         if (down.dim(), up.dim()) != (2, 2) or down.shape[0] != up.shape[1] or down.shape[0] == 0 or (
                 down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
-            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, "
-                            f"which do not "
-                            f"fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
+            raise UserError(f"the LoRA for {name} has down {tuple(down.shape)} and up {tuple(up.shape)} shapes, which "
+                            f"do not fit its Linear({layer.in_features} -> {layer.out_features}) with one rank r: "
                             f"down must be (r, {layer.in_features}) and up ({layer.out_features}, r)")
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise UserError(f"the LoRA for {name} holds non-finite weights (NaN or inf)")
@@ -516,7 +515,8 @@ def save_lora_webui(modules, path, unet):
 # Loading: hub ids and local folders go through the same from_pretrained calls.
 
 def quiet_libraries():
-    """Silence diffusers' and transformers' info logs and loading bars: our own progress bars say what happens."""
+    """Silence diffusers' and transformers' info logs and loading bars: our own progress bars say what happens.
+    Also two warnings that would read as a second error line: huggingface_hub's and DDP's (below)."""
     import diffusers
     import transformers
 
@@ -653,8 +653,15 @@ class Pipeline:
             [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
         for m in (*(enc for _, enc in self.encoders), self.vae, self.unet):
             m.requires_grad_(False).eval().to(device, dtype)
+        # SDXL's original VAE overflows in fp16: fp32 in any precision, as the official SDXL training keeps it
+        # (diffusers upcasts it only in fp16); the fp16-fix VAE (force_upcast off) runs in the run's dtype
         if self.is_sdxl and self.vae.config.force_upcast:
-            self.vae.float()  # SDXL's original VAE overflows in fp16 (diffusers upcasts it too); the fp16-fix does not
+            self.vae.float()
+        vae_extras = [k for k in ("latents_mean", "latents_std", "shift_factor") if self.vae.config.get(k) is not None]
+        if vae_extras:  # SD3 / Playground-style latents; decode and the SPM's encode apply only scaling_factor
+            raise UserError(f"{'--vae ' + vae if vae not in (None, 'none') else '--pretrained ' + str(pretrained)}: "
+                            f"its VAE sets {', '.join(vae_extras)}, which SD1.5 and SDXL VAEs do not and this code "
+                            "does not apply")
         if not self.is_sdxl:  # diffusers' StableDiffusionPipeline, which the official SD1.5 code loads, corrects
             # an outdated SD1.x scheduler config to steps_offset 1 and clip_sample off, in place: so do we
             if getattr(self.scheduler.config, "steps_offset", 1) != 1:
@@ -665,7 +672,8 @@ class Pipeline:
         ddim_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         sched = ddim_scheduler.config
         # Options of diffusers' DDIM that ddim_step does not implement: refuse rather than ignore them.
-        # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2.)
+        # (set_alpha_to_one is ignored on purpose: the official code clamps the last step instead, N2. SD1.5's and
+        # SDXL's configs set it False; where one sets True, our DDIM's last step differs from diffusers'.)
         wrong = [f"{k}={sched[k]!r}" for k, ours in (("clip_sample", False), ("thresholding", False),
                                                      ("timestep_spacing", "leading")) if sched[k] != ours]
         n = len(ddim_scheduler.alphas_cumprod)  # trained_betas may give another length than num_train_timesteps
@@ -685,18 +693,19 @@ class Pipeline:
         """The UNet's conditioning for each prompt, a dict of tensors with the prompt as first dimension:
         "text" (b, L, D), and for SDXL also "pooled" (b, 1280) and "time_ids" (b, 6). size: (height, width) in
         pixels. Always the pipeline's own tokenizers, never the preference model's."""
-        hidden = []
+        hidden, pooled = [], None
         for tokenizer, encoder in self.encoders:
             ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
             out = encoder(ids.to(encoder.device), output_hidden_states=self.is_sdxl)
             # SD1.x reads the last layer; SDXL the penultimate layer of both encoders, side by side (Podell et al.
             # 2023, Sec. 2.1)
             hidden.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
+            pooled = getattr(out, "text_embeds", None)  # SDXL: the second encoder's projected end-of-text token
         cond = {"text": torch.cat(hidden, dim=-1)}
         if self.is_sdxl:
             h, w = size  # SDXL's size conditioning: original size, crop top-left (0, 0), target size
-            cond["pooled"] = out.text_embeds  # the second encoder's projected end-of-text token
-            size_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=out.text_embeds.device)
+            cond["pooled"] = pooled
+            size_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
             cond["time_ids"] = size_ids.expand(len(prompts), 6)  # (1, 6) -> (b, 6)
         return cond
 
@@ -770,11 +779,12 @@ def _bytes_to_unicode():
     # CLIP's byte-level BPE alphabet: every byte maps to a printable unicode character.
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
           *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    cs = bs[:]
+    cs, n = bs[:], 0
     for b in range(256):
-        if b not in bs:
+        if b not in bs:  # the other bytes (control characters, space) map to 256, 257, ...
             bs.append(b)
-            cs.append(256 + len(cs) - 188)
+            cs.append(256 + n)
+            n += 1
     return dict(zip(bs, map(chr, cs)))
 
 
@@ -1232,16 +1242,20 @@ def atomic_folder(final):
     try:
         yield tmp
         readable_like_any_file(*(f for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()))
-        shutil.rmtree(final, ignore_errors=True)
+        old = final.with_name(f".{final.name}.old")  # a folder cannot be replaced in one rename: the one there
+        shutil.rmtree(old, ignore_errors=True)  # stays whole, under this name, until the new one has its place
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_unfinished(folder):
     """The temporary folders that a crash in the middle of an atomic_folder save left in a folder of checkpoints
-    (".NAME.tmp"; before atomic_folder, "NAME.tmp")."""
-    for stale in Path(folder).glob("*.tmp"):
+    (".NAME.tmp" and ".NAME.old"; before atomic_folder, "NAME.tmp")."""
+    for stale in [*Path(folder).glob("*.tmp"), *Path(folder).glob(".*.old")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -1110,6 +1110,32 @@ def test_folders_are_written_whole_or_not_at_all(tmp_path):
     assert (final / "a").read_text() == "3" and not leftover.exists()
 
 
+def test_a_folder_being_replaced_is_never_half_deleted(tmp_path, monkeypatch):
+    """Replacing a folder deleted the old one in place first: a deletion that failed part-way (ignore_errors) left
+    it half there, and the rename then failed too. The old one now moves aside whole, in one rename."""
+    final = tmp_path / "checkpoints" / "step-1"
+    with D.atomic_folder(final) as tmp:
+        (tmp / "a").write_text("1")
+        (tmp / "b").write_text("1")
+    real_rmtree = shutil.rmtree
+
+    def rmtree_failing_part_way(path, ignore_errors=False):  # removes one file, then gives up (as on EACCES)
+        files = sorted(p for p in Path(path).glob("*") if p.is_file()) if Path(path).is_dir() else []
+        if files:
+            files[0].unlink()
+        elif Path(path).exists():
+            real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(D.shutil, "rmtree", rmtree_failing_part_way)
+    with D.atomic_folder(final) as tmp:
+        (tmp / "a").write_text("2")
+        (tmp / "b").write_text("2")
+    monkeypatch.undo()
+    assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and (final / "b").read_text() == "2"
+    D.remove_unfinished(final.parent)  # the old copy, had it stayed, goes with the next save's clean-up
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step-1"]
+
+
 def test_spm_checkpoints_keep_the_newest_and_clear_crash_leftovers_only(tmp_path, monkeypatch):
     monkeypatch.setattr(pm, "save_checkpoint", lambda model, path: Path(path).write_text("spm"))
     folder = tmp_path / "checkpoints"
@@ -2267,6 +2293,22 @@ def test_an_sdxl_vae_that_asks_for_upcast_runs_in_fp32(force_upcast, tmp_path):
     pipe = D.Pipeline(str(folder), dtype=torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
     assert pipe.vae.dtype == (torch.float32 if force_upcast else torch.bfloat16)
+
+
+@pytest.mark.parametrize("key, value", [("shift_factor", 0.1), ("latents_mean", [0.0] * 4)])
+def test_a_vae_with_latent_statistics_is_refused(key, value, tmp_path):
+    """diffusers' SDXL pipeline decodes z * latents_std / scaling_factor + latents_mean (and SD3 subtracts a
+    shift_factor) where a VAE declares them; our decode and the SPM's encode apply scaling_factor only."""
+    folder = tmp_path / "sdxl"
+    shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
+    path = folder / "vae" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **{key: value})))
+    with pytest.raises(D.UserError) as err:
+        D.Pipeline(str(folder))
+    assert str(err.value) == (f"--pretrained {folder}: its VAE sets {key}, which SD1.5 and SDXL VAEs do not and "
+                              "this code does not apply"), str(err.value)
+    with pytest.raises(D.UserError, match=f"^--vae {folder / 'vae'}: its VAE sets {key}"):
+        D.Pipeline("tiny-sdxl", vae=str(folder / "vae"))
 
 
 # ---- spo.py on several ranks: torchrun with gloo on the CPU ----

@@ -449,14 +449,40 @@ def save_checkpoint(out, unet, optimizer, scaler, progress, pending, keep, grads
     return final
 
 
-def load_checkpoint(folder, unet, optimizer, scaler, device, params):
-    """The newest checkpoint back into the LoRA (params: its parameters, whose gradients an unfinished
-    accumulation group carries), optimizer and scaler; returns (progress, pending pairs or None)."""
+def read_progress(folder):
+    """A checkpoint's progress.json, checked: its position (epoch, batch, pair), global_step and prompts_sha256."""
     progress = read_json(folder / "progress.json", "--resume")
     position, step = progress.get("position"), progress.get("global_step")
     if not (isinstance(position, list) and len(position) == 3 and all(isinstance(v, int) and v >= 0 for v in position)
             and isinstance(step, int) and step >= 0 and "prompts_sha256" in progress):
         raise UserError(f"--resume: {folder}/progress.json lacks a valid position, global_step or prompts_sha256")
+    return progress
+
+
+def resume_point(cfg, prompts_sha, world):
+    """--resume, checked before any model loads: the run's settings must be this command's (except
+    CHANGEABLE_ON_RESUME), and its newest checkpoint must come from the same prompts and number of ranks. Returns
+    that checkpoint's folder, or None when the run stopped before its first."""
+    out = Path(cfg.out)
+    saved = read_json(out / "config.json", "--resume")
+    # a setting added since the run started has its default there
+    changed = [f.name for f in dataclasses.fields(Config) if f.name not in CHANGEABLE_ON_RESUME
+               and saved.get(f.name, f.default) != json.loads(json.dumps(getattr(cfg, f.name)))]
+    if changed:
+        raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
+    ckpts = checkpoint_dirs(out)
+    if not ckpts:
+        return None
+    progress = read_progress(ckpts[-1])
+    if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
+        raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
+    return ckpts[-1]
+
+
+def load_checkpoint(folder, unet, optimizer, scaler, device, params):
+    """The newest checkpoint back into the LoRA (params: its parameters, whose gradients an unfinished
+    accumulation group carries), optimizer and scaler; returns (progress, pending pairs or None)."""
+    progress = read_progress(folder)
     load_lora(unet, folder / "pytorch_lora_weights.safetensors")
     load_optimizer_state(folder / "optimizer.pt", optimizer, scaler, device)
     pending = folder / "pending_pairs.safetensors"
@@ -538,6 +564,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     out, main_rank = Path(cfg.out), rank == 0
     prompts = read_prompts(cfg.prompts, "--prompts") if cfg.prompts else list(TINY_PROMPTS)
     prompts_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    resumed = resume_point(cfg, prompts_sha, world) if cfg.resume else None  # before the models: fails in seconds
     m = setup_models(cfg, scorer, world)
     device, autocast, scaler, pipe, unet, policy, scorer, lora_params, optimizer = (
         m.device, m.autocast, m.scaler, m.pipe, m.unet, m.policy, m.scorer, m.lora_params, m.optimizer)
@@ -549,23 +576,14 @@ def train(cfg, scorer=None, rank=0, world=1):
     # The run folder: a fresh one, or resume from the newest checkpoint (every rank reads the same one).
     position, global_step, pending = (0, 0, 0), 0, None
     group = []  # the metrics of the micro-batches whose gradients wait for the rest of their group
-    if cfg.resume:
-        saved = read_json(out / "config.json", "--resume")
-        # a setting added since the run started has its default there
-        changed = [f.name for f in dataclasses.fields(Config) if f.name not in CHANGEABLE_ON_RESUME
-                   and saved.get(f.name, f.default) != json.loads(json.dumps(getattr(cfg, f.name)))]
-        if changed:
-            raise UserError(f"--resume: these settings differ from the run in {out}: {', '.join(changed)}")
-        ckpts = checkpoint_dirs(out)
-        if ckpts:
-            progress, pending = load_checkpoint(ckpts[-1], pipe.unet, optimizer, scaler, device, lora_params)
-            group = [tuple(r) for r in progress.get("group", [])]
-            if progress["prompts_sha256"] != prompts_sha or progress.get("world_size", 1) != world:
-                raise UserError(f"--resume: the prompts or the number of ranks differ from the run in {out}")
-            position, global_step = tuple(progress["position"]), progress["global_step"]
-            if main_rank:
-                print(f"resuming {out} from {ckpts[-1].name} (step {global_step})")
-        elif main_rank:  # it stopped before its first checkpoint
+    if resumed:
+        progress, pending = load_checkpoint(resumed, pipe.unet, optimizer, scaler, device, lora_params)
+        group = [tuple(r) for r in progress.get("group", [])]
+        position, global_step = tuple(progress["position"]), progress["global_step"]
+        if main_rank:
+            print(f"resuming {out} from {resumed.name} (step {global_step})")
+    elif cfg.resume:
+        if main_rank:  # it stopped before its first checkpoint
             print(f"--resume: {out} holds no checkpoint yet: the run starts from the beginning")
     elif main_rank:
         for old in out.iterdir() if cfg.overwrite else []:  # the folder itself stays: it holds the run's lock
@@ -587,7 +605,7 @@ def train(cfg, scorer=None, rank=0, world=1):
     b, tb = cfg.sample_batch_size, cfg.train_batch_size
     n_batches = math.ceil(math.ceil(len(prompts) / world) / b)  # ranks get equal shares (rank_prompts)
     if main_rank:
-        print(f"{len(prompts)} prompts; per epoch {n_batches} batches of {b} prompts on each of {world} ranks; "
+        print(f"{len(prompts)} prompts; per epoch and rank ({world} in all) {n_batches} batch(es) of {b} prompts; "
               f"{cfg.epochs} epochs\nper prompt: {sampling_unet_samples(cfg)} sampling UNet samples (CFG-batched), "
               f"{cfg.k * len(pool_steps(cfg))} VAE decodes and preference scores, at most "
               f"{cfg.steps - cfg.divert_start_step} pairs; {tb * cfg.grad_accum * world} pairs per update at most")

@@ -1573,6 +1573,21 @@ def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
         assert flag[2:].replace("-", "_") in err, err
 
 
+def test_resume_with_other_prompts_is_refused_before_the_models_load(tiny_run, tmp_path, capsys, monkeypatch):
+    """The checkpoint's position counts prompts of its own prompt list: other prompts (or another number of ranks)
+    are refused, in seconds: the check used to come after SD's weights had loaded."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(spo.TINY_PROMPTS[::-1]))  # the same prompts, in another order
+    monkeypatch.setattr(spo, "setup_models", lambda *a, **k: pytest.fail("the models loaded before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        spo.main(FAST + ["--out", str(out), "--resume", "--prompts", str(prompts)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == (
+        f"error: --resume: the prompts or the number of ranks differ from the run in {out}"), err
+
+
 def test_resume_says_when_the_folder_holds_another_programs_run(tiny_run, dataset, tmp_path, capsys):
     """--resume on an SPM run (or an SPM --resume on a spo.py run) listed every setting as changed."""
     spm_run, spo_run = tmp_path / "spm", tmp_path / "spo"

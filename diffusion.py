@@ -632,7 +632,8 @@ class Pipeline:
                 scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
                 if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
                     raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
-                                    f"scheduler ({entry!r})")
+                                    f"scheduler that this installation has ({entry!r}; some need an extra package, "
+                                    "e.g. torchsde)")
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                      ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
             if "text_encoder_2" in index:

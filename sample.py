@@ -47,7 +47,8 @@ SAMPLING = {
 }
 PAPER_EVAL = "--steps 20 --cfg 5"  # the paper's evaluation protocol: DDIM, 20 steps, guidance 5.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # not PNG: --out would be a folder
-GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row each), so it stays viewable
+GRID_ROWS, GRID_SEEDS = 16, 8  # a comparison grid shows at most this many prompts (rows) and seeds, so it stays
+# viewable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,11 +85,12 @@ def checkpoint_sample(pipe, scheduler, cond, uncond, latents, steps, cfg, genera
     noise from generator[i]."""
     scheduler.set_timesteps(steps, device=latents.device)  # also resets a multistep scheduler's history
     latents = latents * scheduler.init_noise_sigma  # Euler starts at sigma_max, not at unit variance
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    # as diffusers' prepare_extra_step_kwargs: eta 0 where step takes one (TCD's own default is 0.3), our generators
+    takes = inspect.signature(scheduler.step).parameters
+    extra = {**({"eta": 0.0} if "eta" in takes else {}), **({"generator": generator} if "generator" in takes else {})}
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         eps = predict_noise(pipe.unet, x, t.expand(len(x)), cond, uncond, cfg)
-        extra = {"generator": generator} if takes_generator else {}
         latents = scheduler.step(eps, t, latents, **extra).prev_sample
     return latents
 
@@ -173,8 +175,9 @@ def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
                               args.eta, args.height, args.width, args.negative_prompt, sampling_scheduler(args, pipe))
             broken = int((~pixels.isfinite()).flatten(1).any(dim=1).sum())  # (b, 3, H, W) -> (b,)
             if broken:  # saved anyway, so the names and the grid stay in step with the jobs
+                hint = "an fp16 overflow? try --precision bf16 or fp32, or" if args.precision != "fp32" else "try"
                 tqdm.write(f"warning: {broken} of {len(chunk)} images have NaN or inf pixels, saved as black or white "
-                           "(an fp16 overflow? try --precision bf16 or fp32, or a smaller --cfg)", file=sys.stderr)
+                           f"({hint} a smaller --cfg)", file=sys.stderr)
             for (index, prompt, seed), image in zip(chunk, to_pil(pixels)):
                 path = image_path(args, index, prompt, seed, tag)
                 save_png(image, path, image_settings(args, prompt, seed, with_lora))
@@ -186,10 +189,10 @@ def render(pipe, jobs, args, lora_on, with_lora, tag, progress):
 
 def save_compare_grid(args, jobs, base, lora, path):
     """Rows are prompts, and per seed a pair base | LoRA with the prompt and seed written under it."""
-    keep = [i for i, (index, _, _) in enumerate(jobs) if index < GRID_ROWS]
+    keep = [i for i, (index, _, seed) in enumerate(jobs) if index < GRID_ROWS and seed - args.seed < GRID_SEEDS]
     tiles = [image for i in keep for image in (base[i], lora[i])]
     captions = [f"base | LoRA, seed {jobs[i][2]}: {jobs[i][1]}" for i in keep]
-    grid = captioned_grid(tiles, captions, cols=args.n)
+    grid = captioned_grid(tiles, captions, cols=min(args.n, GRID_SEEDS))
     settings = image_settings(args, "", args.seed, True)
     prompts = "; ".join(dict.fromkeys(p for _, p, _ in jobs))
     settings.update(prompt=prompts, seed=f"{args.seed}..{args.seed + args.n - 1}", layout="prompt rows; base | LoRA")
@@ -336,14 +339,16 @@ def run(args):
                     vae=args.vae, ddim=args.scheduler == "ddim")
     scheduler = sampling_scheduler(args, pipe)
     args.sampler_name = "DDIM" if scheduler is None else type(scheduler).__name__  # e.g. PNDMScheduler, in each PNG
+    if scheduler is not None and not all(hasattr(scheduler, a) for a in ("init_noise_sigma", "scale_model_input")):
+        raise UserError(f"--scheduler checkpoint: {args.sampler_name} is not a noise-prediction scheduler that "
+                        "StableDiffusionPipeline's loop can step (a flow-matching one?)")
     if args.benchmark:
         benchmark(args, pipe)
         return
     modules = load_lora_modules(args.lora, pipe.unet) if args.lora else None
     scorers = Scorers(args) if args.score or args.eval else None
-    # Everything is loaded and checked (the webui export checks its layer names before it writes): from here on only
-    # a scheduler that cannot run our loop (--scheduler checkpoint, at its first batch) can stop the run, after the
-    # exports.
+    # Everything is loaded and checked (the webui export checks its layer names before it writes, and validate
+    # that no output lies in another's place): the exports first, then the images.
     if args.export_webui:
         save_lora_webui(modules, args.export_webui, pipe.unet)
         print(f"webui LoRA written to {args.export_webui}")
@@ -406,7 +411,7 @@ def parse_args(argv=None):
     add("--n", type=int, default=1, help="images per prompt (1)")
     add("--scheduler", choices=["ddim", "checkpoint"], default="ddim",
         help="ddim: this project's DDIM, the sampler SPO trains with; checkpoint: the model folder's own scheduler "
-             "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (ddim)")
+             "(SD1.5: PNDM, SDXL: Euler), stepped by diffusers as the official inference scripts do (default: ddim)")
     add("--steps", type=int, help=f"sampling steps ({per_preset('steps')})")
     add("--cfg", type=finite_float, help=f"classifier-free guidance scale, <= 1 for none ({per_preset('cfg')})")
     add("--eta", type=finite_float, default=0.0, help="DDIM eta: 0 deterministic, 1 as DDPM (0)")
@@ -431,7 +436,8 @@ def parse_args(argv=None):
     add("--benchmark", type=int, default=0, metavar="N", help="images per second and peak memory of this sampler "
                                                               "and of diffusers' pipeline, N timed batches; no files")
     add("--device", help="cpu or cuda[:N] (default: cuda if available)")
-    add("--precision", choices=list(DTYPES), help="of the SD weights (fp16 on CUDA, fp32 on CPU)")
+    add("--precision", choices=list(DTYPES),
+        help="of the SD weights (fp16 on CUDA, fp32 on CPU or with --merge or --save-merged)")
     args = p.parse_args(argv)
     preset = PRESETS[args.model]
     args.pretrained = args.pretrained or preset["pretrained"]
@@ -444,7 +450,8 @@ def parse_args(argv=None):
     args.preference_processor = args.preference_processor or preset["spm_processor"]
     args.preference_checkpoint = args.preference_checkpoint or preset["spm_checkpoint"]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    merging = args.merge or args.save_merged  # fp32: merged into half weights, small LoRA updates round away
+    args.precision = args.precision or ("fp16" if args.device.startswith("cuda") and not merging else "fp32")
     args.prompt_list = prompt_list(args)
     check_text(args.prompt, "--prompt")
     check_text([args.negative_prompt], "--negative-prompt")
@@ -463,7 +470,8 @@ def prompt_list(args):
 
 def validate(args):
     """Every check that needs no model, so that a typo costs a second and writes nothing."""
-    exporting, both = args.save_merged is not None or args.export_webui is not None, args.compare or args.eval
+    exporting = args.save_merged is not None or args.export_webui is not None
+    both = args.compare or args.eval
     images = len(args.prompt_list) * args.n * (2 if both else 1)
     checks = [
         (args.n >= 1, f"--n must be >= 1, got {args.n}"),
@@ -503,20 +511,27 @@ def validate(args):
         (not args.export_webui or not os.path.lexists(args.export_webui) or Path(args.export_webui).is_dir(),
          f"--export-webui {args.export_webui} exists"),
         (0 <= args.seed and args.seed + args.n <= 2**64, f"--seed and the seeds after it (--n) must be in [0, 2^64), "
-                                                         f"torch's generator seeds, got {args.seed}"),
+                                                         f"torch's generator seeds, got {args.seed} and --n {args.n}"),
     ]
     outputs = [(args.out, "--out", one_png(args)), (args.export_webui, "--export-webui", True),
                (args.save_merged, "--save-merged", False)]
     sizes = [size_problem(args.height, "--height"), size_problem(args.width, "--width")]
     problems = [msg for ok, msg in checks if not ok] + [p for p in [*sizes, device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
+    # --save-merged replaces its folder whole and --export-webui is a file: no other output may lie at or inside one
+    places = {flag: Path(os.path.realpath(os.path.expanduser(path))) for path, flag, _ in outputs
+              if path is not None and (flag != "--out" or args.prompt_list)}
+    clashes = {tuple(sorted((flag, whole))) for whole in ("--save-merged", "--export-webui") if whole in places
+               for flag, path in places.items() if flag != whole and path.is_relative_to(places[whole])}
+    problems += [f"{a} {places[a]} and {b} {places[b]} overlap: give each output its own place"
+                 for a, b in sorted(clashes)]
     try:  # found, and a LoRA (its layers are checked once the UNet loads): a typo costs no pipeline load
         if args.lora:
             unet_lora_ranks(args.lora, "--lora")
     except UserError as err:
         problems.append(str(err))
-    out_ok = not any(msg.startswith("--out") for msg in problems)  # else exists() may fail: a folder we cannot read
-    check = out_ok and not (args.overwrite or args.benchmark)
+    # only a good run whose --out exists can hold its files (a huge --n would list millions of names for nothing)
+    check = not problems and not (args.overwrite or args.benchmark) and os.path.exists(os.path.expanduser(args.out))
     existing = [p for p in files_written(args) if p.exists()] if check else []
     if existing:
         problems.append(f"--out {args.out} already holds {existing[0].name}"

@@ -2658,23 +2658,46 @@ def test_scheduler_checkpoint_names_the_scheduler_only_for_its_own_errors(monkey
         sample.generate(pipe, ["a cat"], [0], 2, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
 
 
-def test_a_stochastic_checkpoint_scheduler_draws_each_images_noise_from_its_own_generator():
-    """Euler ancestral draws fresh noise at every step: as diffusers' pipeline with a generator per image, image i's
-    step noise comes from generator i, so an image is the same alone as in a batch."""
-    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
+def test_a_flow_matching_checkpoint_scheduler_is_refused_before_the_exports(tmp_path, capsys):
+    """A scheduler without init_noise_sigma and scale_model_input cannot run StableDiffusionPipeline's loop: it
+    ended in a traceback, after --export-webui had written its file."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(D.tiny_pipeline_path("tiny"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers",
+                                                                              "FlowMatchEulerDiscreteScheduler"])))
+    webui = tmp_path / "w.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model", "tiny", "--pretrained", str(folder), "--scheduler", "checkpoint", "--lora",
+                     str(LORA / "pytorch_lora_weights.safetensors"), "--export-webui", str(webui), "--prompt", "a cat",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == ("error: --scheduler checkpoint: FlowMatchEulerDiscreteScheduler is not "
+                                                 "a noise-prediction scheduler that StableDiffusionPipeline's loop "
+                                                 "can step (a flow-matching one?)"), err
+    assert not webui.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "TCDScheduler"])
+def test_a_stochastic_checkpoint_scheduler_draws_each_images_noise_from_its_own_generator(name):
+    """Euler ancestral and TCD draw fresh noise at every step: as diffusers' pipeline with a generator per image,
+    image i's step noise comes from generator i, so an image is the same alone as in a batch. diffusers' pipeline
+    also passes eta=0 to a step that takes one: TCD's own default, 0.3, gave other images."""
+    import diffusers
+    from diffusers import DiffusionPipeline
 
     folder = str(D.tiny_pipeline_path("tiny"))
     ref = DiffusionPipeline.from_pretrained(folder)
-    ref.scheduler = EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     pipe = D.Pipeline(folder, ddim=False)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     prompts, seeds = ["a red cat", "the dog on the lake"], [3, 11]
     expected = ref(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, output_type="pt",
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
     ours = sample.generate(pipe, prompts, seeds, 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
     err = (ours.clamp(-1, 1) - expected).abs().max().item()
-    assert err < 1e-4, f"Euler ancestral images differ from diffusers' pipeline by {err:.2e}"
+    assert err < 1e-4, f"{name} images differ from diffusers' pipeline by {err:.2e}"
     alone = sample.generate(pipe, prompts[1:], seeds[1:], 6, 5.0, 0.0, 32, 32, scheduler=pipe.scheduler)
     assert (alone - ours[1:]).abs().max() < 1e-5, "an image must not depend on the batch it is rendered in"
 
@@ -3283,6 +3306,38 @@ def test_export_webui_never_overwrites_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(GOLDEN_RUN + ["--lora", str(lora), "--export-webui", str(fifo)])
     assert f"--export-webui {fifo} exists" in capsys.readouterr().err and fifo.is_fifo()
+
+
+def test_outputs_in_each_others_place_are_refused_before_anything_is_written(tmp_path, capsys):
+    """--save-merged replaces its folder whole: a webui file exported into it was deleted with exit code 0. An --out
+    folder at the webui file's path failed with a traceback after the export."""
+    lora = str(LORA / "pytorch_lora_weights.safetensors")
+    merged, webui, alone = tmp_path / "merged", tmp_path / "merged" / "w.safetensors", tmp_path / "w.safetensors"
+    for flags, message in [
+            (["--save-merged", str(merged), "--export-webui", str(webui)],
+             f"--export-webui {webui} and --save-merged {merged} overlap"),
+            (["--save-merged", str(alone), "--export-webui", str(alone)],
+             f"--export-webui {alone} and --save-merged {alone} overlap"),
+            (["--export-webui", str(alone), "--prompt", "a cat", "--out", str(alone)],
+             f"--export-webui {alone} and --out {alone} overlap")]:
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(GOLDEN_RUN + ["--lora", lora] + flags)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err == f"error: {message}: give each output its own place", err
+        assert list(tmp_path.iterdir()) == [], "a refused run must write nothing"
+    sample.main(GOLDEN_RUN + ["--lora", lora, "--export-webui", str(alone), "--prompt", "a cat", "--out",
+                              str(tmp_path / "images")])  # the webui file beside the images, or among them, is fine
+    assert alone.is_file() and len(list((tmp_path / "images").glob("*.png"))) == 1
+
+
+def test_merging_defaults_to_fp32_on_cuda(monkeypatch, tmp_path):
+    """fp16 is CUDA's default precision, but a merge into half weights rounds small LoRA updates away, so
+    --save-merged and --merge were refused unless --precision fp32 was spelled out (the README's example failed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    lora = str(LORA / "pytorch_lora_weights.safetensors")
+    assert sample.parse_args(GOLDEN_RUN + ["--device", "cuda", "--prompt", "a cat"]).precision == "fp16"
+    for flags in (["--merge", "--prompt", "a cat"], ["--save-merged", str(tmp_path / "merged")]):
+        assert sample.parse_args(GOLDEN_RUN + ["--device", "cuda", "--lora", lora] + flags).precision == "fp32"
 
 
 def test_ctrl_c_while_sampling_is_one_line_and_leaves_whole_images(tmp_path, capsys, monkeypatch):

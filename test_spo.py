@@ -681,6 +681,9 @@ def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
 # ---- spo.py end to end on the tiny model ----
 
 # A test preset that runs in seconds: 6 steps, pools of 3 from step 2, 8x8 latents, 2 epochs of 2 batches.
+# Root passes every permission check: a run meant to meet one drops root's override rights first (setpriv).
+AS_A_USER = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"] * (
+    os.geteuid() == 0)
 FAST = ["--model", "tiny", "--steps", "6", "--divert-start-step", "2", "--k", "3", "--resolution", "16",
         "--sample-batch-size", "4", "--epochs", "2"]
 
@@ -796,15 +799,13 @@ def test_resume_of_a_run_without_a_checkpoint_says_it_starts_over(tmp_path, caps
 
 
 def test_resume_with_an_unreadable_checkpoints_folder_is_refused(tiny_run, tmp_path):
-    """glob reads a folder we may not read as empty: --resume started over and dropped the metrics logged. Root
-    passes permission checks, so the run drops those capabilities (setpriv)."""
+    """glob reads a folder we may not read as empty: --resume started over and dropped the metrics logged."""
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     metrics, checkpoints = (out / "metrics.jsonl").read_text(), spo.checkpoint_dirs(out)
     (out / "checkpoints").chmod(0)
-    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
     try:
-        result = subprocess.run((drop if os.geteuid() == 0 else []) + [sys.executable, "spo.py"] + FAST + [
+        result = subprocess.run(AS_A_USER + [sys.executable, "spo.py"] + FAST + [
             "--out", str(out), "--resume"], capture_output=True, text=True, cwd=Path(__file__).parent)
     finally:
         (out / "checkpoints").chmod(0o700)
@@ -1178,14 +1179,13 @@ def test_cli_subprocess_reports_one_line_and_exit_code_2(tmp_path):
 
 def test_a_path_the_user_may_not_read_is_one_line_and_exit_2(tmp_path):
     """pathlib raises PermissionError where os.path says "not there": a file in a folder we may not enter ended in a
-    traceback. Root passes permission checks, so the run drops those capabilities (setpriv)."""
+    traceback."""
     closed = tmp_path / "closed"
     closed.mkdir()
     closed.chmod(0)
-    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
     lora = closed / "lora.safetensors"
     try:
-        result = subprocess.run((drop if os.geteuid() == 0 else []) + [
+        result = subprocess.run(AS_A_USER + [
             sys.executable, "spo.py", "--model", "tiny", "--init-lora", str(lora), "--out", str(tmp_path / "run")],
             capture_output=True, text=True, cwd=Path(__file__).parent)
     finally:
@@ -3847,17 +3847,15 @@ def test_resume_refuses_other_settings_and_another_world_size(dataset, identity_
 
 
 def test_an_spm_resume_with_an_unreadable_checkpoints_folder_is_refused(dataset, identity_sd, tmp_path, capsys):
-    """As spo.py's: glob read a folder we may not read as empty, and --resume started over, dropping the metrics.
-    Root passes permission checks, so the run drops those capabilities (setpriv)."""
+    """As spo.py's: glob read a folder we may not read as empty, and --resume started over, dropping the metrics."""
     out = tmp_path / "run"
     flags = ["train", "--model", "tiny", "--pretrained", identity_sd, "--resolution", "8", "--data", str(dataset),
              "--batch-size", "2", "--eval-timesteps", "0", "--out", str(out), "--max-steps", "1"]
     assert pm.main(flags) == 0
     metrics = (out / "metrics.jsonl").read_text()
     (out / "checkpoints").chmod(0)
-    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
     try:
-        result = subprocess.run((drop if os.geteuid() == 0 else []) + [
+        result = subprocess.run(AS_A_USER + [
             sys.executable, "preference_model.py", *flags, "--resume"], capture_output=True, text=True,
             cwd=Path(__file__).parent)
     finally:

@@ -649,6 +649,11 @@ class Pipeline:
                 self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
             except Exception as err:
                 raise cannot_load("the VAE", vae, err, "--vae") from None
+        vae_extras = [k for k in ("latents_mean", "latents_std", "shift_factor") if self.vae.config.get(k) is not None]
+        if vae_extras:  # SD3 / Playground-style latents; decode and the SPM's encode apply only scaling_factor
+            raise UserError(f"{'--vae ' + vae if vae not in (None, 'none') else '--pretrained ' + str(pretrained)}: "
+                            f"its VAE sets {', '.join(vae_extras)}, which SD1.5 and SDXL VAEs do not and this code "
+                            "does not apply")
         self.is_sdxl = hasattr(self, "text_encoder_2")
         self.encoders = [(self.tokenizer, self.text_encoder)] + (
             [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
@@ -658,11 +663,6 @@ class Pipeline:
         # (diffusers upcasts it only in fp16); the fp16-fix VAE (force_upcast off) runs in the run's dtype
         if self.is_sdxl and self.vae.config.force_upcast:
             self.vae.float()
-        vae_extras = [k for k in ("latents_mean", "latents_std", "shift_factor") if self.vae.config.get(k) is not None]
-        if vae_extras:  # SD3 / Playground-style latents; decode and the SPM's encode apply only scaling_factor
-            raise UserError(f"{'--vae ' + vae if vae not in (None, 'none') else '--pretrained ' + str(pretrained)}: "
-                            f"its VAE sets {', '.join(vae_extras)}, which SD1.5 and SDXL VAEs do not and this code "
-                            "does not apply")
         if not self.is_sdxl:  # diffusers' StableDiffusionPipeline, which the official SD1.5 code loads, corrects
             # an outdated SD1.x scheduler config to steps_offset 1 and clip_sample off, in place: so do we
             if getattr(self.scheduler.config, "steps_offset", 1) != 1:
@@ -1243,12 +1243,14 @@ def atomic_folder(final):
     try:
         yield tmp
         readable_like_any_file(*(f for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()))
-        old = final.with_name(f".{final.name}.old")  # a folder cannot be replaced in one rename: the one there
-        shutil.rmtree(old, ignore_errors=True)  # stays whole, under this name, until the new one has its place
-        if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        replacing = final.is_dir() and not final.is_symlink()
+        if replacing:  # a folder cannot be replaced in one rename: the one there moves aside whole, under a hidden
+            shutil.rmtree(old, ignore_errors=True)  # name, until the new one has its place
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        if replacing:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

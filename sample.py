@@ -194,8 +194,9 @@ def save_compare_grid(args, jobs, base, lora, path):
     captions = [f"base | LoRA, seed {jobs[i][2]}: {jobs[i][1]}" for i in keep]
     grid = captioned_grid(tiles, captions, cols=min(args.n, GRID_SEEDS))
     settings = image_settings(args, "", args.seed, True)
-    prompts = "; ".join(dict.fromkeys(p for _, p, _ in jobs))
-    settings.update(prompt=prompts, seed=f"{args.seed}..{args.seed + args.n - 1}", layout="prompt rows; base | LoRA")
+    prompts = "; ".join(dict.fromkeys(jobs[i][1] for i in keep))  # those the grid shows
+    last_seed = args.seed + min(args.n, GRID_SEEDS) - 1
+    settings.update(prompt=prompts, seed=f"{args.seed}..{last_seed}", layout="prompt rows; base | LoRA")
     del settings["command"]
     save_png(grid, path, settings)
     return grid
@@ -422,7 +423,8 @@ def parse_args(argv=None):
     add("--out", default="out", help="a .png file for a single image, else a folder (out)")
     add("--overwrite", action="store_true", help="replace images, compare.png or eval.json that --out already holds")
     add("--compare", action="store_true",
-        help=f"also the base images, and a grid of base | LoRA per seed (first {GRID_ROWS} prompts)")
+        help=f"also the base images, and a grid of base | LoRA per seed (the first {GRID_ROWS} prompts and "
+             f"{GRID_SEEDS} seeds)")
     add("--score", action="store_true", help="print each image's PickScore and step-aware score at t=0")
     add("--eval", metavar="PROMPTS_FILE", help="base vs LoRA on these prompts x --n seeds: mean scores, LoRA win "
                                                "rate with a 95%% interval; eval.json and the grid go to --out")
@@ -519,7 +521,7 @@ def validate(args):
     problems = [msg for ok, msg in checks if not ok] + [p for p in [*sizes, device_problem(args.device)] if p] + [
         msg for path, flag, is_file in outputs if path is not None and (msg := output_problem(path, flag, is_file))]
     # --save-merged replaces its folder whole and --export-webui is a file: no other output may lie at or inside one
-    places = {flag: Path(os.path.realpath(os.path.expanduser(path))) for path, flag, _ in outputs
+    places = {flag: Path(os.path.realpath(path)) for path, flag, _ in outputs  # outputs are literal paths: no ~
               if path is not None and (flag != "--out" or args.prompt_list)}
     clashes = {tuple(sorted((flag, whole))) for whole in ("--save-merged", "--export-webui") if whole in places
                for flag, path in places.items() if flag != whole and path.is_relative_to(places[whole])}
@@ -531,7 +533,7 @@ def validate(args):
     except UserError as err:
         problems.append(str(err))
     # only a good run whose --out exists can hold its files (a huge --n would list millions of names for nothing)
-    check = not problems and not (args.overwrite or args.benchmark) and os.path.exists(os.path.expanduser(args.out))
+    check = not problems and not (args.overwrite or args.benchmark) and os.path.exists(args.out)
     existing = [p for p in files_written(args) if p.exists()] if check else []
     if existing:
         problems.append(f"--out {args.out} already holds {existing[0].name}"

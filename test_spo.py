@@ -1135,6 +1135,11 @@ def test_a_folder_being_replaced_is_never_half_deleted(tmp_path, monkeypatch):
     assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and (final / "b").read_text() == "2"
     D.remove_unfinished(final.parent)  # the old copy, had it stayed, goes with the next save's clean-up
     assert sorted(p.name for p in final.parent.iterdir()) == ["step-1"]
+    theirs = tmp_path / ".merged.old"  # a folder of that name beside a new folder is not ours to delete
+    theirs.mkdir()
+    with D.atomic_folder(tmp_path / "merged") as tmp:
+        (tmp / "a").write_text("1")
+    assert theirs.is_dir()
 
 
 def test_spm_checkpoints_keep_the_newest_and_clear_crash_leftovers_only(tmp_path, monkeypatch):
@@ -1574,8 +1579,8 @@ def test_resume_with_another_setting_is_refused(tiny_run, tmp_path, capsys):
 
 
 def test_resume_with_other_prompts_is_refused_before_the_models_load(tiny_run, tmp_path, capsys, monkeypatch):
-    """The checkpoint's position counts prompts of its own prompt list: other prompts (or another number of ranks)
-    are refused, in seconds: the check used to come after SD's weights had loaded."""
+    """The checkpoint's position counts prompts of its own prompt list: other prompts are refused, in seconds: the
+    check used to come after SD's weights had loaded."""
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     prompts = tmp_path / "prompts.txt"
@@ -3328,6 +3333,17 @@ def test_outputs_in_each_others_place_are_refused_before_anything_is_written(tmp
     sample.main(GOLDEN_RUN + ["--lora", lora, "--export-webui", str(alone), "--prompt", "a cat", "--out",
                               str(tmp_path / "images")])  # the webui file beside the images, or among them, is fine
     assert alone.is_file() and len(list((tmp_path / "images").glob("*.png"))) == 1
+
+
+def test_an_out_folder_named_with_a_quoted_tilde_is_checked_where_it_is_written(tmp_path, monkeypatch, capsys):
+    """A quoted '~/imgs' is the folder "~" here, as for mkdir: the check for files a run would replace must look
+    there too (it once looked in the home folder, and the second run overwrote the first's images)."""
+    monkeypatch.chdir(tmp_path)
+    sample.main(GOLDEN_RUN + ["--prompt", "a cat", "--out", "~/imgs"])
+    assert len(list((tmp_path / "~" / "imgs").glob("*.png"))) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(GOLDEN_RUN + ["--prompt", "a cat", "--out", "~/imgs"])
+    assert exit_info.value.code == 2 and "already holds 000-a-cat-seed0.png" in capsys.readouterr().err
 
 
 def test_merging_defaults_to_fp32_on_cuda(monkeypatch, tmp_path):

@@ -47,8 +47,8 @@ SAMPLING = {
 }
 PAPER_EVAL = "--steps 20 --cfg 5"  # the paper's evaluation protocol: DDIM, 20 steps, guidance 5.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # not PNG: --out would be a folder
-GRID_ROWS, GRID_SEEDS = 16, 8  # a comparison grid shows at most this many prompts (rows) and seeds, so it stays
-# viewable
+GRID_ROWS = 16  # a comparison grid shows at most this many prompts (one row each)
+GRID_SEEDS = 8  # and this many seeds (a base | LoRA pair each) of every prompt, so it stays viewable
 
 
 # ----------------------------------------------------------------------------------------------

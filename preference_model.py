@@ -770,7 +770,7 @@ def training_checkpoints(out):
     not read must raise, not look empty (--resume would start over and drop the metrics logged)."""
     folder = out / "checkpoints"
     found = [folder / name for name in (os.listdir(folder) if folder.is_dir() else [])
-             if name.startswith("step-") and name.removeprefix("step-").isdigit()]
+             if name.startswith("step-") and name.removeprefix("step-").isdigit() and (folder / name).is_dir()]
     return sorted(found, key=lambda d: int(d.name.removeprefix("step-")))
 
 

@@ -423,7 +423,8 @@ def checkpoint_dirs(out):
     # folder we may not read must raise, not look empty (--resume would start over and drop the metrics logged)
     folder = out / "checkpoints"
     names = os.listdir(folder) if folder.is_dir() else []
-    return sorted(folder / name for name in names if name.startswith("epoch-") and not name.endswith(".tmp"))
+    return sorted(folder / name for name in names
+                  if name.startswith("epoch-") and not name.endswith(".tmp") and (folder / name).is_dir())
 
 
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending, keep, grads):

@@ -1105,6 +1105,7 @@ def test_folders_are_written_whole_or_not_at_all(tmp_path):
     leftover.mkdir()
     (leftover / "half").write_text("")
     (final.parent / "epoch-0002_batch-000000_pair-00000.tmp").mkdir()  # a leftover of older versions
+    (final.parent / "epoch-9999_notes.txt").write_text("")  # a file is no checkpoint, however it is named
     assert spo.checkpoint_dirs(tmp_path) == [final]
     with D.atomic_folder(final) as tmp:
         (tmp / "a").write_text("3")
@@ -3880,6 +3881,7 @@ def test_an_spm_resume_with_an_unreadable_checkpoints_folder_is_refused(dataset,
         (out / "checkpoints").chmod(0o700)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: permission denied: {out / 'checkpoints'}", result.stderr
+    (out / "checkpoints" / "step-99").write_text("")  # a file is no checkpoint, however it is named
     assert (out / "metrics.jsonl").read_text() == metrics and pm.training_checkpoints(out) == [
         out / "checkpoints" / "step-1"]
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint starts over, and says so

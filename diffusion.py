@@ -595,6 +595,19 @@ def resolve_file(spec, flag):
         raise cannot_load("file", spec, err, flag) from None
 
 
+def checkpoint_scheduler_class(index, pretrained):
+    """The diffusers scheduler class that a checkpoint's model_index.json names (SD1.5: PNDM, SDXL: Euler)."""
+    import diffusers
+
+    entry = index.get("scheduler")
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
+        raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers scheduler that "
+                        f"this installation has ({entry!r}; some need an extra package, e.g. torchsde)")
+    return scheduler
+
+
 class Pipeline:
     """The parts of a Stable Diffusion (1.x or XL) checkpoint that SPO uses (no diffusers pipeline object)."""
 
@@ -602,7 +615,6 @@ class Pipeline:
         """pretrained: hub id, local folder or a TINY_MODELS name; random_init: an ARCHITECTURES name to build
         instead; vae: another VAE (hub id or folder) in place of the checkpoint's own; ddim: whether our DDIM will
         sample it (sample.py --scheduler checkpoint does not)."""
-        import diffusers
         from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -625,15 +637,8 @@ class Pipeline:
             except Exception as err:
                 raise cannot_load("the pipeline", pretrained, err, "--pretrained") from None
             self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
-            scheduler = DDIMScheduler  # configured from the checkpoint's scheduler config
-            if not ddim:  # sample.py --scheduler checkpoint: the class model_index.json names (PNDM, Euler)
-                entry = index.get("scheduler")
-                name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-                scheduler = getattr(diffusers, name, None) if isinstance(name, str) else None
-                if not (isinstance(scheduler, type) and issubclass(scheduler, diffusers.SchedulerMixin)):
-                    raise UserError(f"--scheduler checkpoint: {pretrained}'s model_index.json names no diffusers "
-                                    f"scheduler that this installation has ({entry!r}; some need an extra package, "
-                                    "e.g. torchsde)")
+            # DDIM configured from the checkpoint's scheduler config, or (sample.py --scheduler checkpoint) its own
+            scheduler = DDIMScheduler if ddim else checkpoint_scheduler_class(index, pretrained)
             parts = [("tokenizer", CLIPTokenizer), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL),
                      ("unet", UNet2DConditionModel), ("scheduler", scheduler)]
             if "text_encoder_2" in index:

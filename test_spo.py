@@ -8,6 +8,7 @@ runs offline on CPU (see README.md for how long).
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import errno
 import functools
@@ -610,17 +611,35 @@ def test_lora_disabled_switches_the_lora_back_on_after_an_exception(lora_unet):
 # ---- SPO training step ----
 
 
-def test_shared_forward_equals_four_forward_formulation(golden_pipe):
+def test_a_fresh_lora_starts_as_peft_gaussian_init():
+    """down ~ N(0, 1/r) and up = 0, as PEFT's init_lora_weights="gaussian" that the official LoraConfig uses: the
+    model starts at the base, and the down weights set the size of the first updates."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential()
+    model.add_module("to_q", torch.nn.Linear(1024, 1024))
+    theirs = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                                target_modules=["to_q"]), copy.deepcopy(model)).to_q
+    ours = D.LoRALinear(model.to_q, 8, 8)
+    assert torch.count_nonzero(ours.lora.up.weight) == 0
+    std, peft_std = ours.lora.down.weight.std().item(), theirs.lora_A["default"].weight.std().item()
+    assert std == pytest.approx(peft_std, rel=0.05) and std == pytest.approx(1 / 8, rel=0.05), (std, peft_std)
+
+
+@pytest.mark.parametrize("eta, prediction_type", [(1.0, "epsilon"), (0.5, "epsilon"), (1.0, "v_prediction")])
+def test_shared_forward_equals_four_forward_formulation(golden_pipe, eta, prediction_type):
     """Where winner and loser share x_t one policy and one reference forward, else one per parent, give the loss
-    and gradients of the official four forwards (pair 1 has a loser parent of its own, as SDXL's inner steps)."""
+    and gradients of the official four forwards (pair 1 has a loser parent of its own, as SDXL's inner steps), with
+    the run's --eta and the checkpoint's prediction type (each was once dropped with every test passing)."""
     pipe = golden_pipe
     unet = pipe.unet
     params = D.inject_lora(unet, 4, 4)
+    pipe.prediction_type = prediction_type
     try:
         torch.manual_seed(0)
         for layer in D.lora_layers(unet):
             torch.nn.init.normal_(layer.lora.up.weight, std=0.02)
-        cfg = spo.Config(model="tiny", steps=8, cfg=5.0, eta=1.0)
+        cfg = spo.Config(model="tiny", steps=8, cfg=5.0, eta=eta)
         n = 3
         x_t = torch.randn(n, 4, 8, 8)
         x_t_lose = x_t.clone()
@@ -638,7 +657,7 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(D.lora_disabled(unet))
                 eps = D.predict_noise(unet, parent, pairs["t"], {"text": pairs["text"]}, D.take(uncond, [0] * n), cfg.cfg)
-                _, mean, std = D.ddim_step(eps, pairs["t"], parent, pipe.alphas_cumprod, 125, 1.0)
+                _, mean, std = D.ddim_step(eps, pairs["t"], parent, pipe.alphas_cumprod, 125, eta, prediction_type)
                 return D.ddim_log_prob(child, mean, std)
 
         terms = [log_prob(side, ref) for ref in (False, True) for side in ("win", "lose")]
@@ -648,11 +667,35 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe):
         assert any(g.abs().sum() > 0 for g in ours), "the test pairs must produce a gradient"
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())  # float32 summation order
-    finally:  # the module-scoped pipeline goes back to a plain UNet
+    finally:  # the module-scoped pipeline goes back to a plain UNet, predicting noise
+        pipe.prediction_type = "epsilon"
         for name, module in list(unet.named_modules()):
             if isinstance(module, D.LoRALinear):
                 parent, child = name.rsplit(".", 1)
                 setattr(unet.get_submodule(parent), child, module.base)
+
+
+def test_a_micro_batchs_loss_takes_beta_and_eps_from_the_flags():
+    """--beta and --eps reach the loss of a training micro-batch (either could be dropped with every test passing:
+    they ran at the defaults, and at a fresh LoRA both ratios are 1, where the clamp never acts)."""
+    cfg = spo.parse_args(FAST + ["--beta", "3", "--eps", "0.001", "--grad-accum", "1"])
+    m = spo.setup_models(cfg, scorer=RuleScorer())
+    gen = torch.Generator().manual_seed(0)
+    pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
+                 text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
+    pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
+                 lose=torch.randn(2, 4, 8, 8, generator=gen))
+    for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
+        torch.nn.init.normal_(layer.lora.up.weight, std=0.05, generator=gen)
+    uncond = m.pipe.encode_negative(1, (16, 16))
+    with torch.no_grad():
+        logps = spo.pair_log_probs(m.pipe, m.unet, m.unet, pairs, uncond, cfg)
+        loss = {(beta, eps): spo.spo_loss(*logps, beta, eps)[0].item() for beta, eps in [(3, 0.001), (10, 0.001),
+                                                                                         (3, 0.1)]}
+    assert len(set(loss.values())) == 3, f"beta and the clamp must both move this loss: {loss}"
+    record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, uncond, m.lora_params, m.optimizer, m.scaler,
+                                   m.autocast, cfg, 1, [])
+    assert record["loss"] == pytest.approx(loss[(3, 0.001)], rel=1e-5), (record["loss"], loss)
 
 
 def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
@@ -680,10 +723,10 @@ def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
 
 # ---- spo.py end to end on the tiny model ----
 
-# A test preset that runs in seconds: 6 steps, pools of 3 from step 2, 8x8 latents, 2 epochs of 2 batches.
 # Root passes every permission check: a run meant to meet one drops root's override rights first (setpriv).
 AS_A_USER = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"] * (
     os.geteuid() == 0)
+# A test preset that runs in seconds: 6 steps, pools of 3 from step 2, 8x8 latents, 2 epochs of 2 batches.
 FAST = ["--model", "tiny", "--steps", "6", "--divert-start-step", "2", "--k", "3", "--resolution", "16",
         "--sample-batch-size", "4", "--epochs", "2"]
 

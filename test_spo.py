@@ -675,18 +675,25 @@ def test_shared_forward_equals_four_forward_formulation(golden_pipe, eta, predic
                 setattr(unet.get_submodule(parent), child, module.base)
 
 
-def test_a_micro_batchs_loss_takes_beta_and_eps_from_the_flags():
-    """--beta and --eps reach the loss of a training micro-batch (either could be dropped with every test passing:
-    they ran at the defaults, and at a fresh LoRA both ratios are 1, where the clamp never acts)."""
-    cfg = spo.parse_args(FAST + ["--beta", "3", "--eps", "0.001", "--grad-accum", "1"])
+def two_pairs_on_a_moved_lora(cfg, up_std):
+    """The tiny models of `cfg`, and two training pairs (seeded), with the LoRA moved off its zero init so that
+    the policy/reference ratios are not 1."""
     m = spo.setup_models(cfg, scorer=RuleScorer())
     gen = torch.Generator().manual_seed(0)
     pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
                  text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
     pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
                  lose=torch.randn(2, 4, 8, 8, generator=gen))
-    for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
-        torch.nn.init.normal_(layer.lora.up.weight, std=0.05, generator=gen)
+    for layer in D.lora_layers(m.pipe.unet):
+        torch.nn.init.normal_(layer.lora.up.weight, std=up_std, generator=gen)
+    return m, pairs
+
+
+def test_a_micro_batchs_loss_takes_beta_and_eps_from_the_flags():
+    """--beta and --eps reach the loss of a training micro-batch (either could be dropped with every test passing:
+    they ran at the defaults, and at a fresh LoRA both ratios are 1, where the clamp never acts)."""
+    cfg = spo.parse_args(FAST + ["--beta", "3", "--eps", "0.001", "--grad-accum", "1"])
+    m, pairs = two_pairs_on_a_moved_lora(cfg, 0.05)
     uncond = m.pipe.encode_negative(1, (16, 16))
     with torch.no_grad():
         logps = spo.pair_log_probs(m.pipe, m.unet, m.unet, pairs, uncond, cfg)
@@ -704,14 +711,7 @@ def test_an_fp16_grad_scaler_changes_neither_the_reported_norm_nor_the_update():
     cfg = spo.parse_args(FAST)
     results = []
     for enabled in (False, True):
-        m = spo.setup_models(cfg, scorer=RuleScorer())
-        gen = torch.Generator().manual_seed(0)
-        pairs = dict(x_t=torch.randn(2, 4, 8, 8, generator=gen), t=torch.tensor([901, 501]),
-                     text=m.pipe.encode_prompts(["a red cat", "the dog"], (16, 16))["text"])
-        pairs.update(x_t_lose=pairs["x_t"], win=torch.randn(2, 4, 8, 8, generator=gen),
-                     lose=torch.randn(2, 4, 8, 8, generator=gen))
-        for layer in D.lora_layers(m.pipe.unet):  # a LoRA away from its zero init, so both ratios move
-            torch.nn.init.normal_(layer.lora.up.weight, std=0.01, generator=gen)
+        m, pairs = two_pairs_on_a_moved_lora(cfg, 0.01)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=enabled)
         record = spo.train_micro_batch(m.pipe, m.unet, m.unet, pairs, m.pipe.encode_negative(1, (16, 16)),
                                        m.lora_params, m.optimizer, scaler, m.autocast, cfg, 1, [])

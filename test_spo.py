@@ -416,8 +416,10 @@ def test_candidate_pool_replays_official_run(golden_pipe):
     run = json.loads((GOLDEN / "settings.json").read_text())["pipeline_run"]
     cfg = spo.Config(model="tiny", steps=8, divert_start_step=2, k=3, cfg=5.0, eta=1.0, threshold=0.3, resolution=16)
     ids = g["extra_info_input_ids"]  # (k * b, L), sample-major
+    judged = []
 
     def fake_preference(images, t):  # the deterministic stand-in the official run used
+        judged.append((images, t))
         return 4000 * images.float().mean(dim=(1, 2, 3)) * (1 + t.float() / 1000) + 0.01 * ids.float().mean(dim=1) / 532
 
     gen = torch.Generator().manual_seed(run["torch_manual_seed_before_call"])
@@ -431,6 +433,10 @@ def test_candidate_pool_replays_official_run(golden_pipe):
     torch.testing.assert_close(pairs["lose"], g["valid_next_latents"][:, 1], **close, msg="loser child differs")
     torch.testing.assert_close(pairs["text"], g["valid_prompt_embeds"][:, 0], msg="pair prompt differs")
     torch.testing.assert_close(scores, g["preference_score_logs"], rtol=1e-5, atol=1e-2)
+    assert len(judged) == 6, f"expected one judgement per pool (6), got {len(judged)}"
+    for j, (images, t) in enumerate(judged):  # the images themselves, not only the mean the stand-in scores
+        torch.testing.assert_close(images, g[f"pref_call_{j}_images"], **close, msg=f"pool {j}: other images judged")
+        assert torch.equal(t.cpu(), g[f"pref_call_{j}_timesteps"]), f"pool {j}: judged at other timesteps"
 
 
 def test_each_candidate_is_judged_against_its_own_prompt(golden_pipe):

@@ -2367,8 +2367,8 @@ def test_an_sdxl_vae_that_asks_for_upcast_runs_in_fp32(force_upcast, tmp_path):
 
 @pytest.mark.parametrize("key, value", [("shift_factor", 0.1), ("latents_mean", [0.0] * 4)])
 def test_a_vae_with_latent_statistics_is_refused(key, value, tmp_path):
-    """diffusers' SDXL pipeline decodes z * latents_std / scaling_factor + latents_mean (and SD3 subtracts a
-    shift_factor) where a VAE declares them; our decode and the SPM's encode apply scaling_factor only."""
+    """diffusers' SDXL pipeline decodes z * latents_std / scaling_factor + latents_mean (and SD3 adds a shift_factor)
+    where a VAE declares them; our decode and the SPM's encode apply scaling_factor only."""
     folder = tmp_path / "sdxl"
     shutil.copytree(D.tiny_pipeline_path("tiny-sdxl"), folder)
     path = folder / "vae" / "config.json"

@@ -648,7 +648,9 @@ class Pipeline:
                     setattr(self, sub, cls.from_pretrained(path, subfolder=sub))
                 except Exception as err:
                     raise cannot_load(sub, pretrained, err, "--pretrained") from None
+        vae_flag = f"--pretrained {pretrained}"  # where the VAE comes from
         if vae not in (None, "none") and not random_init:  # random-init builds the preset's VAE (SDXL: fp16-fix)
+            vae_flag = f"--vae {vae}"
             offline_if_hub_unreachable(vae)
             try:
                 self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(vae))
@@ -656,9 +658,8 @@ class Pipeline:
                 raise cannot_load("the VAE", vae, err, "--vae") from None
         vae_extras = [k for k in ("latents_mean", "latents_std", "shift_factor") if self.vae.config.get(k) is not None]
         if vae_extras:  # SD3 / Playground-style latents; decode and the SPM's encode apply only scaling_factor
-            raise UserError(f"{'--vae ' + vae if vae not in (None, 'none') else '--pretrained ' + str(pretrained)}: "
-                            f"its VAE sets {', '.join(vae_extras)}, which SD1.5 and SDXL VAEs do not and this code "
-                            "does not apply")
+            raise UserError(f"{vae_flag}: its VAE sets {', '.join(vae_extras)}, which SD1.5 and SDXL VAEs do not and "
+                            "this code does not apply")
         self.is_sdxl = hasattr(self, "text_encoder_2")
         self.encoders = [(self.tokenizer, self.text_encoder)] + (
             [(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
@@ -1258,6 +1259,15 @@ def atomic_folder(final):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_folders(out, prefix):
+    """The folders in out/checkpoints whose names start with `prefix` (atomic_folder's unfinished ones start with
+    "."). listdir, not glob: a folder we may not read must raise, not look empty (--resume would start over and
+    drop the metrics logged)."""
+    folder = Path(out) / "checkpoints"
+    names = os.listdir(folder) if folder.is_dir() else []
+    return [folder / name for name in names if name.startswith(prefix) and (folder / name).is_dir()]
 
 
 def remove_unfinished(folder):

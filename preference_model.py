@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, ArgumentParser, Pipeline, StopSignal, TrainingAborted,
                        UserError, all_ranks_sum, atomic_folder, atomic_write, build_once, cannot_load, check_text,
-                       cleared_if_it_fails, ddim_step, device_problem, file_problem, finite_float, first_line,
-                       holds_files, load_optimizer_state, offline_if_hub_unreachable, output_problem,
+                       checkpoint_folders, cleared_if_it_fails, ddim_step, device_problem, file_problem, finite_float,
+                       first_line, holds_files, load_optimizer_state, offline_if_hub_unreachable, output_problem,
                        path_errors_refused, predict_noise, quiet_libraries, read_json, read_metrics, remove_unfinished,
                        resolve_file, run_folder_lock, seeded_weights, setup_distributed, size_problem, stop_together,
                        take, write_tiny_tokenizer)
@@ -766,11 +766,8 @@ def save_training_checkpoint(out, model, optimizer, scaler, progress):
 
 
 def training_checkpoints(out):
-    """checkpoints/step-N, oldest first ("step-N" only: no half-written ones). listdir, not glob: a folder we may
-    not read must raise, not look empty (--resume would start over and drop the metrics logged)."""
-    folder = out / "checkpoints"
-    found = [folder / name for name in (os.listdir(folder) if folder.is_dir() else [])
-             if name.startswith("step-") and name.removeprefix("step-").isdigit() and (folder / name).is_dir()]
+    """checkpoints/step-N, oldest first ("step-N" only)."""
+    found = [d for d in checkpoint_folders(out, "step-") if d.name.removeprefix("step-").isdigit()]
     return sorted(found, key=lambda d: int(d.name.removeprefix("step-")))
 
 

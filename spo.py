@@ -39,11 +39,12 @@ from tqdm import tqdm
 
 from diffusion import (DTYPES, LOCAL_ONLY, MAX_SEED, PRESETS, TINY_MODELS, ArgumentParser, Pipeline, StopSignal,
                        TrainingAborted, UserError, all_ranks_sum, atomic_folder, atomic_write, check_text,
-                       cleared_if_it_fails, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps, device_problem,
-                       file_problem, finite_float, holds_files, inject_lora, load_lora, load_optimizer_state,
-                       load_safetensors, lora_disabled, lora_layers, output_problem, path_errors_refused, predict_noise,
-                       read_json, read_metrics, read_prompts, remove_unfinished, resolve_lora, run_folder_lock,
-                       save_grid, save_lora, setup_distributed, size_problem, take, unet_lora_ranks)
+                       checkpoint_folders, cleared_if_it_fails, ddim_log_prob, ddim_sample, ddim_step, ddim_timesteps,
+                       device_problem, file_problem, finite_float, holds_files, inject_lora, load_lora,
+                       load_optimizer_state, load_safetensors, lora_disabled, lora_layers, output_problem,
+                       path_errors_refused, predict_noise, read_json, read_metrics, read_prompts, remove_unfinished,
+                       resolve_lora, run_folder_lock, save_grid, save_lora, setup_distributed, size_problem, take,
+                       unet_lora_ranks)
 from preference_model import PREFERENCE_FLAGS, load_preference_model
 
 # ----------------------------------------------------------------------------------------------
@@ -419,12 +420,8 @@ CHANGEABLE_ON_RESUME = ("prompts", "out", "resume", "overwrite", "epochs", "devi
 
 
 def checkpoint_dirs(out):
-    # atomic_folder's unfinished ones start with "."; versions before it left "...tmp" names. listdir, not glob: a
-    # folder we may not read must raise, not look empty (--resume would start over and drop the metrics logged)
-    folder = out / "checkpoints"
-    names = os.listdir(folder) if folder.is_dir() else []
-    return sorted(folder / name for name in names
-                  if name.startswith("epoch-") and not name.endswith(".tmp") and (folder / name).is_dir())
+    # versions before atomic_folder left unfinished ones under "...tmp" names
+    return sorted(d for d in checkpoint_folders(out, "epoch-") if not d.name.endswith(".tmp"))
 
 
 def save_checkpoint(out, unet, optimizer, scaler, progress, pending, keep, grads):
@@ -912,8 +909,6 @@ def validate(cfg):
             problems.append(f"--resume: {out} is not a spo.py run (its config.json holds no spo.py settings)")
         except UserError as err:
             problems.append(str(err))
-    elif cfg.resume:
-        checkpoint_dirs(out)  # a checkpoints folder we may not read is refused now (as a path error), not started over
     if not cfg.resume and out.is_dir() and holds_files(out):
         if not cfg.overwrite:
             problems.append(f"--out {out} already holds files: "

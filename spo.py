@@ -721,8 +721,9 @@ class PhaseTimer:
 
 
 def benchmark(cfg):
-    """One warm-up prompt batch (compilation, cuDNN autotuning; its FLOPs are counted with FlopCounterMode),
-    then cfg.benchmark timed batches of SAMPLING and TRAINING exactly as train() runs them. Writes nothing."""
+    """Warm-up, then cfg.benchmark timed batches of SAMPLING and TRAINING exactly as train() runs them. Writes
+    nothing. The first warm-up batch runs eagerly to count its FLOPs (FlopCounterMode is a dispatch mode, which
+    torch.compile cannot trace); a compiled run warms up once more, compiling, before the clock starts."""
     from torch.utils.flop_counter import FlopCounterMode
 
     m = setup_models(cfg)
@@ -736,11 +737,12 @@ def benchmark(cfg):
     uncond_1 = pipe.encode_negative(1, pixels)
     prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
     memory, flops, group = {}, 0, []
-    for batch in tqdm(range(1 + cfg.benchmark), desc="prompt batches (the first warms up)"):  # minutes on a CPU
-        if batch == 1:  # the warm-up is over: count from here
+    warm_up = 1 + bool(cfg.compile)
+    for batch in tqdm(range(warm_up + cfg.benchmark), desc=f"prompt batches (the first {warm_up} warm up)"):
+        if batch == warm_up:  # the warm-up is over: count from here
             timer.seconds, timer.items = {}, {}
         counter = FlopCounterMode(display=False) if batch == 0 else contextlib.nullcontext()
-        with counter:
+        with counter, torch.compiler.set_stance("force_eager" if batch == 0 else "default"):
             if m.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(m.device)
             gen = torch.Generator(m.device).manual_seed(derived_seed(cfg, "benchmark", batch))

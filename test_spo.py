@@ -4609,6 +4609,30 @@ def test_benchmark_smoke_on_cpu(capsys, monkeypatch):
     assert not Path("/nonexistent/never-written").exists()
 
 
+def test_compiled_benchmark_counts_flops_eagerly_and_compiles_only_while_warming_up(capsys, monkeypatch):
+    """FlopCounterMode is a dispatch mode that torch.compile cannot trace (fullgraph then fails), so the counted
+    batch runs eagerly and a compiled run warms up once more. Dynamo's cheap "eager" backend stands in for
+    inductor; each graph it is handed is stamped with the candidate pool being sampled then (1: counted, 2:
+    compiling, 3: timed)."""
+    pools, graphs, compile = [], [], torch.compile
+    sample_pool = spo.sample_candidate_pool
+    monkeypatch.setattr(spo, "sample_candidate_pool", lambda *args: pools.append(1) or sample_pool(*args))
+
+    def stamped(graph, inputs):
+        graphs.append(len(pools))
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode, **kwargs: compile(model, backend=stamped, **kwargs))
+    torch._dynamo.reset()
+    try:
+        spo.main(["--model", "tiny", "--random-init", "--benchmark", "1", "--steps", "4", "--divert-start-step", "1",
+                  "--k", "2", "--resolution", "16", "--threshold", "0", "--compile", "--out", "/nonexistent/never"])
+    finally:
+        torch._dynamo.reset()
+    assert "benchmark: CPU" in capsys.readouterr().out and len(pools) == 3
+    assert graphs and set(graphs) == {2}, f"graphs compiled while sampling pools {graphs}: only the second warms up"
+
+
 def test_sdxl_benchmark_counts_the_inner_steps(capsys):
     """SDXL's chunks: 8 steps, pools of 2 at steps 2 and 6, 3 inner steps. 6 transitions per prompt become pairs;
     the first of each chunk shares its parent, the 4 inner ones need a second: 10 parent latents."""

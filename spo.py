@@ -736,11 +736,13 @@ def benchmark(cfg):
     pixels = (cfg.resolution, cfg.resolution)
     uncond_1 = pipe.encode_negative(1, pixels)
     prompts = (TINY_PROMPTS * (b // len(TINY_PROMPTS) + 1))[:b]  # the prompts do not change the work
-    memory, flops, group = {}, 0, []
+    memory, flops, group, warm_seconds = {}, 0, [], []
     warm_up = 1 + bool(cfg.compile)
     for batch in tqdm(range(warm_up + cfg.benchmark), desc=f"prompt batches (the first {warm_up} warm up)"):
         if batch == warm_up:  # the warm-up is over: count from here
             timer.seconds, timer.items = {}, {}
+        timer.sync()
+        started = time.perf_counter()
         counter = FlopCounterMode(display=False) if batch == 0 else contextlib.nullcontext()
         with counter, torch.compiler.set_stance("force_eager" if batch == 0 else "default"):
             if m.device.type == "cuda":
@@ -768,6 +770,9 @@ def benchmark(cfg):
                 memory["training"] = torch.cuda.max_memory_allocated(m.device)
         if batch == 0:
             flops = counter.get_total_flops()
+        if batch < warm_up:
+            timer.sync()
+            warm_seconds.append(time.perf_counter() - started)
     prompts_timed = b * cfg.benchmark
     sec = {name: s / prompts_timed for name, s in timer.seconds.items()}
     judging = sec.get("VAE decode", 0) + sec.get("preference model", 0) + sec.get("preference text", 0)
@@ -780,6 +785,8 @@ def benchmark(cfg):
     print(f"\nbenchmark: {gpu}, {cfg.model}{' random-init' if cfg.random_init else ''}, {cfg.precision}, "
           f"judge {cfg.preference_precision}, compile {cfg.compile} ({cfg.compile_mode}), "
           f"{cfg.benchmark} batches of {b} prompts, threshold {cfg.threshold}")
+    print(f"warm-up: {warm_seconds[0]:.1f} s eager, counting FLOPs"
+          + (f", {warm_seconds[1]:.1f} s compiling" if cfg.compile else ""))
     print(f"{'phase':<28}{'s/prompt':>10}{'share':>8}")
     for name in ("sampling UNet", "VAE decode", "preference model", "preference text", "training forward/backward",
                  "optimizer"):

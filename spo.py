@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -744,7 +745,9 @@ def benchmark(cfg):
         timer.sync()
         started = time.perf_counter()
         counter = FlopCounterMode(display=False) if batch == 0 else contextlib.nullcontext()
-        with counter, torch.compiler.set_stance("force_eager" if batch == 0 else "default"):
+        with counter, torch.compiler.set_stance("force_eager" if batch == 0 else "default"), warnings.catch_warnings():
+            # FlopCounterMode's module hooks make a compiled module warn that they would fire twice; it runs eagerly
+            warnings.filterwarnings("ignore", "Using `torch.compile.module.` when there are global hooks")
             if m.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(m.device)
             gen = torch.Generator(m.device).manual_seed(derived_seed(cfg, "benchmark", batch))

@@ -4633,6 +4633,9 @@ def test_compiled_benchmark_counts_flops_eagerly_and_compiles_only_while_warming
     assert "benchmark: CPU" in out and re.search(r"warm-up: [0-9.]+ s eager, counting FLOPs, [0-9.]+ s compiling", out)
     assert len(pools) == 3
     assert graphs and set(graphs) == {2}, f"graphs compiled while sampling pools {graphs}: only the second warms up"
+    # the timed batch alone: 4 steps, pools of 2 from step 1 (1 + 1 + 2 * 2 samples), 3 pairs at threshold 0
+    assert "6 sampling UNet samples" in out and "6 VAE decodes" in out and "3.0 training pairs" in out, out
+    assert float(re.search(r"([0-9.e-]+) TFLOP per prompt", out)[1]) > 0, "the eager batch counts the FLOPs"
 
 
 def test_sdxl_benchmark_counts_the_inner_steps(capsys):
